@@ -1,0 +1,37 @@
+"""Liveness and readiness probes."""
+
+import sqlalchemy as sa
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from pubsub import db
+from pubsub.errors import PubSubError
+from pubsub.schemas import ErrorSchema, StatusSchema
+
+blp = Blueprint("health", __name__, description="Health probes")
+
+
+class DatabaseDown(PubSubError):
+    status = 503
+
+
+@blp.route("/liveness")
+class Liveness(MethodView):
+    @blp.response(200, StatusSchema)
+    def get(self):
+        """The process is up (does not touch the database)."""
+        return {"status": "alive"}
+
+
+@blp.route("/readiness")
+class Readiness(MethodView):
+    @blp.response(200, StatusSchema)
+    @blp.alt_response(503, schema=ErrorSchema, description="Database unreachable")
+    def get(self):
+        """The database answers; 503 while it does not."""
+        try:
+            with db.begin() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            raise DatabaseDown("database is down") from None
+        return {"status": "ready"}

@@ -1,0 +1,73 @@
+"""Topics, and publishing to them."""
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from pubsub import db, messages, topics
+from pubsub.blueprints import json_object, load_json_array
+from pubsub.schemas import (
+    MAX_PUBLISH_BATCH,
+    PUBLISH_BODY,
+    ErrorSchema,
+    PaginationSchema,
+    TopicCreateSchema,
+    TopicListSchema,
+    TopicSchema,
+)
+
+blp = Blueprint("topics", __name__, url_prefix="/topics", description="Topics and publishing")
+
+# Path parameters are named `id`, as in fastpubsub's OpenAPI, so clients generated from it
+# keep working and the Prometheus `path` label reads /topics/{id}.
+
+
+@blp.route("")
+class Topics(MethodView):
+    @blp.arguments(TopicCreateSchema)
+    @blp.response(201, TopicSchema)
+    @blp.alt_response(409, schema=ErrorSchema, description="Topic already exists")
+    def post(self, data):
+        """Create a topic."""
+        with db.begin() as conn:
+            return topics.create_topic(conn, data["id"])
+
+    @blp.arguments(PaginationSchema, location="query")
+    @blp.response(200, TopicListSchema)
+    def get(self, page):
+        """List topics, ordered by id."""
+        with db.begin() as conn:
+            return {"data": topics.list_topics(conn, page["offset"], page["limit"])}
+
+
+@blp.route("/<id>")
+class Topic(MethodView):
+    @blp.response(200, TopicSchema)
+    @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
+    def get(self, id):
+        """Get a topic."""
+        with db.begin() as conn:
+            return topics.get_topic(conn, id)
+
+    @blp.response(204)
+    @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
+    def delete(self, id):
+        """Delete a topic with its subscriptions and their messages."""
+        with db.begin() as conn:
+            topics.delete_topic(conn, id)
+
+
+@blp.route("/<id>/messages")
+class TopicMessages(MethodView):
+    @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
+    @blp.response(204)
+    @blp.alt_response(400, schema=ErrorSchema, description="Malformed JSON")
+    @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
+    @blp.alt_response(413, schema=ErrorSchema, description="Body larger than API_MAX_BODY_BYTES")
+    @blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")
+    @blp.alt_response(422, schema=ErrorSchema, description="Not an array of at most 1000 objects")
+    def post(self, id):
+        """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
+        # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
+        _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
+        with db.begin() as conn:
+            messages.publish(conn, id, raw.decode())

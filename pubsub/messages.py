@@ -1,0 +1,192 @@
+"""The message lifecycle: publish, claim, ack, nack, dead letters, and the cleanup jobs.
+
+Every operation is one SQL statement (one round trip). Statements are plain SQL beside their
+only caller because they read better that way than as Core expressions. Payloads travel as
+JSON text in both directions: PostgreSQL parses the published batch and renders what a
+consumer receives, so Python never decodes or re-encodes them.
+"""
+
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from pubsub.errors import NotFound
+from pubsub.subscriptions import ensure_subscription
+from pubsub.tables import AVAILABLE, DELIVERED, DLQ
+
+# The whole batch, fanned out to every subscription whose filter matches, in one INSERT ...
+# SELECT. FOR KEY SHARE keeps a concurrent subscription delete from committing between our read
+# of the subscription and our insert, which would leave orphan messages behind.
+# Filter: every key's allowed values must contain the payload's field; a missing field gives
+# [null], which no filter contains (null is not an accepted filter value).
+PUBLISH = sa.text(f"""
+WITH topic AS (
+    SELECT id FROM topics WHERE id = :topic_id
+), subs AS (
+    SELECT id, filter FROM subscriptions WHERE topic_id = :topic_id FOR KEY SHARE
+), inserted AS (
+    INSERT INTO subscription_messages (id, subscription_id, payload, state)
+    SELECT gen_random_uuid(), subs.id, m.payload, {AVAILABLE}
+    FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS m (payload, n)
+    CROSS JOIN subs
+    WHERE subs.filter IS NULL OR NOT EXISTS (
+        SELECT 1 FROM jsonb_each(subs.filter) AS f (key, allowed)
+        WHERE NOT f.allowed @> jsonb_build_array(m.payload -> f.key)
+    )
+    ORDER BY m.n, subs.id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM inserted) AS copies
+""")
+
+# SKIP LOCKED: consumers never wait on each other, and never get the same locked message.
+CLAIM = sa.text(f"""
+WITH claimed AS (
+    UPDATE subscription_messages AS sm
+    SET state = {DELIVERED},
+        delivery_attempts = sm.delivery_attempts + 1,
+        locked_by = :consumer_id,
+        locked_at = now()
+    FROM (
+        SELECT id FROM subscription_messages
+        WHERE subscription_id = :subscription_id AND state = {AVAILABLE} AND available_at <= now()
+        ORDER BY available_at, seq
+        LIMIT :batch_size
+        FOR UPDATE SKIP LOCKED
+    ) AS next
+    WHERE sm.id = next.id
+    RETURNING sm.id, sm.payload::text AS payload, sm.delivery_attempts, sm.created_at,
+              sm.available_at, sm.seq
+)
+SELECT id, payload, delivery_attempts, created_at FROM claimed ORDER BY available_at, seq
+""")
+
+# Acked rows leave the claim table; one log row per statement remembers how many, for metrics.
+ACK = sa.text(f"""
+WITH acked AS (
+    DELETE FROM subscription_messages
+    WHERE subscription_id = :subscription_id AND id = ANY(:ids) AND state = {DELIVERED}
+    RETURNING 1
+)
+INSERT INTO acked_messages (subscription_id, count)
+SELECT :subscription_id, count(*) FROM acked HAVING count(*) > 0
+RETURNING count
+""")
+
+# Retry after min(max, min * 2^(attempts-1)) seconds, or dead-letter once attempts are used up.
+NACK = sa.text(f"""
+UPDATE subscription_messages AS sm
+SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ} ELSE {AVAILABLE} END,
+    available_at = CASE
+        WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN now()
+        ELSE now() + make_interval(secs => LEAST(
+            s.backoff_max_seconds, s.backoff_min_seconds * power(2, sm.delivery_attempts - 1)))
+    END,
+    locked_by = NULL,
+    locked_at = NULL
+FROM subscriptions AS s
+WHERE s.id = sm.subscription_id
+  AND sm.subscription_id = :subscription_id AND sm.id = ANY(:ids) AND sm.state = {DELIVERED}
+""")
+
+REPROCESS = sa.text(f"""
+UPDATE subscription_messages
+SET state = {AVAILABLE}, delivery_attempts = 0, available_at = now(), locked_by = NULL, locked_at = NULL
+WHERE subscription_id = :subscription_id AND id = ANY(:ids) AND state = {DLQ}
+""")
+
+LIST_DLQ = sa.text(f"""
+SELECT id, payload::text AS payload, delivery_attempts, created_at
+FROM subscription_messages
+WHERE subscription_id = :subscription_id AND state = {DLQ}
+ORDER BY available_at, seq
+OFFSET :offset LIMIT :limit
+""")
+
+# A lock older than the timeout means the consumer died: release the message, or dead-letter it
+# when its attempts are used up, so a consumer that always crashes cannot loop forever.
+RELEASE_STUCK = sa.text(f"""
+WITH released AS (
+    UPDATE subscription_messages AS sm
+    SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ} ELSE {AVAILABLE} END,
+        available_at = now(),
+        locked_by = NULL,
+        locked_at = NULL
+    FROM subscriptions AS s
+    WHERE s.id = sm.subscription_id
+      AND sm.state = {DELIVERED} AND sm.locked_at < now() - make_interval(secs => :lock_timeout)
+    RETURNING sm.state
+)
+SELECT count(*) FILTER (WHERE state = {AVAILABLE}) AS released,
+       count(*) FILTER (WHERE state = {DLQ}) AS dead_lettered
+FROM released
+""")
+
+DELETE_ACKED = sa.text("""
+WITH deleted AS (
+    DELETE FROM acked_messages WHERE acked_at < now() - make_interval(secs => :older_than)
+    RETURNING count
+)
+SELECT coalesce(sum(count), 0) FROM deleted
+""")
+
+
+def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
+    """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
+    row = conn.execute(PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).one()
+    if row.topics == 0:
+        raise NotFound(f"topic {topic_id!r} not found")
+    return row.copies
+
+
+def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_size: int) -> list:
+    """Lock up to batch_size available messages for consumer_id; payloads come back as JSON text."""
+    params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
+    rows = conn.execute(CLAIM, params).all()
+    if not rows:
+        ensure_subscription(conn, subscription_id)
+    return rows
+
+
+def ack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+    """Acknowledge delivered messages; ids that are not delivered to this subscription are ignored."""
+    count = conn.execute(ACK, {"subscription_id": subscription_id, "ids": list(ids)}).scalar()
+    if not count:
+        ensure_subscription(conn, subscription_id)
+    return count or 0
+
+
+def nack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+    """Return delivered messages for a retry after backoff, or to the DLQ when attempts are used up."""
+    count = conn.execute(NACK, {"subscription_id": subscription_id, "ids": list(ids)}).rowcount
+    if not count:
+        ensure_subscription(conn, subscription_id)
+    return count
+
+
+def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+    """Move dead letters back to the queue, available now, with their attempts reset."""
+    count = conn.execute(REPROCESS, {"subscription_id": subscription_id, "ids": list(ids)}).rowcount
+    if not count:
+        ensure_subscription(conn, subscription_id)
+    return count
+
+
+def list_dlq(conn: sa.Connection, subscription_id: str, offset: int, limit: int) -> list:
+    params = {"subscription_id": subscription_id, "offset": offset, "limit": limit}
+    rows = conn.execute(LIST_DLQ, params).all()
+    if not rows:
+        ensure_subscription(conn, subscription_id)
+    return rows
+
+
+def release_stuck(conn: sa.Connection, lock_timeout_seconds: int) -> tuple[int, int]:
+    """Release messages locked longer than the timeout; returns (released, dead-lettered)."""
+    row = conn.execute(RELEASE_STUCK, {"lock_timeout": lock_timeout_seconds}).one()
+    return row.released, row.dead_lettered
+
+
+def delete_acked(conn: sa.Connection, older_than_seconds: int) -> int:
+    """Forget acked messages older than the retention; returns how many."""
+    return int(conn.execute(DELETE_ACKED, {"older_than": older_than_seconds}).scalar())

@@ -1,0 +1,172 @@
+"""Every marshmallow schema: the public JSON contract in one place."""
+
+import math
+
+import marshmallow as ma
+from flask import current_app
+from marshmallow import fields, validate
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+FILTER_MAX_KEYS = 32
+FILTER_MAX_VALUES = 100
+MAX_BATCH_IDS = 1000
+MAX_PUBLISH_BATCH = 1000
+MAX_DELIVERY_ATTEMPTS = 1000
+MAX_BACKOFF_SECONDS = 7 * 24 * 3600
+
+
+def resource_id(**kwargs) -> fields.String:
+    return fields.String(
+        required=True,
+        validate=validate.Regexp(ID_PATTERN, error="must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+        metadata={"pattern": ID_PATTERN, "example": "orders"},
+        **kwargs,
+    )
+
+
+class ErrorSchema(ma.Schema):
+    detail = fields.String(required=True, metadata={"description": "What went wrong"})
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Validation messages by location.field (422 only)"},
+    )
+
+
+class PaginationSchema(ma.Schema):
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**31 - 1))
+    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+
+
+class TopicCreateSchema(ma.Schema):
+    id = resource_id()
+
+
+class TopicSchema(ma.Schema):
+    id = fields.String()
+    created_at = fields.DateTime()
+
+
+class TopicListSchema(ma.Schema):
+    data = fields.List(fields.Nested(TopicSchema))
+
+
+def is_scalar(value) -> bool:
+    if isinstance(value, bool | str):
+        return True
+    return isinstance(value, int | float) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+class FilterField(fields.Dict):
+    """``{field: [allowed scalar values, ...]}``; ``{}`` or null means no filter."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if len(value) > FILTER_MAX_KEYS:
+            raise ma.ValidationError(f"a filter has at most {FILTER_MAX_KEYS} keys")
+        for key, allowed in value.items():
+            if not isinstance(allowed, list) or not allowed:
+                raise ma.ValidationError(f"{key!r}: must be a non-empty array of allowed values")
+            if len(allowed) > FILTER_MAX_VALUES:
+                raise ma.ValidationError(f"{key!r}: at most {FILTER_MAX_VALUES} values")
+            if not all(is_scalar(v) for v in allowed):
+                raise ma.ValidationError(f"{key!r}: values must be strings, numbers or booleans")
+        return value
+
+
+class SubscriptionCreateSchema(ma.Schema):
+    id = resource_id()
+    topic_id = resource_id()
+    filter = FilterField(
+        keys=fields.String(validate=validate.Length(min=1, max=256)),
+        allow_none=True,
+        load_default=None,
+        metadata={"example": {"country": ["BR", "US"]}},
+    )
+    max_delivery_attempts = fields.Integer(
+        allow_none=True, validate=validate.Range(min=1, max=MAX_DELIVERY_ATTEMPTS)
+    )
+    backoff_min_seconds = fields.Integer(
+        allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+    )
+    backoff_max_seconds = fields.Integer(
+        allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+    )
+
+    @ma.post_load
+    def apply_defaults(self, data, **kwargs):
+        config = current_app.config
+        for field, setting in (
+            ("max_delivery_attempts", "SUBSCRIPTION_MAX_ATTEMPTS"),
+            ("backoff_min_seconds", "SUBSCRIPTION_BACKOFF_MIN_SECONDS"),
+            ("backoff_max_seconds", "SUBSCRIPTION_BACKOFF_MAX_SECONDS"),
+        ):
+            if data.get(field) is None:
+                data[field] = config[setting]
+        if data["backoff_min_seconds"] > data["backoff_max_seconds"]:
+            raise ma.ValidationError("must not exceed backoff_max_seconds", field_name="backoff_min_seconds")
+        return data
+
+
+class SubscriptionSchema(ma.Schema):
+    id = fields.String()
+    topic_id = fields.String()
+    filter = fields.Dict(allow_none=True)
+    max_delivery_attempts = fields.Integer()
+    backoff_min_seconds = fields.Integer()
+    backoff_max_seconds = fields.Integer()
+    created_at = fields.DateTime()
+
+
+class SubscriptionListSchema(ma.Schema):
+    data = fields.List(fields.Nested(SubscriptionSchema))
+
+
+class ConsumeQuerySchema(ma.Schema):
+    consumer_id = fields.String(
+        required=True,
+        validate=[
+            validate.Length(min=1, max=128),
+            validate.Regexp(r"^[^\x00]*$", error="must not contain NUL characters"),
+        ],
+    )
+    batch_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+
+
+class MessageSchema(ma.Schema):
+    id = fields.UUID()
+    subscription_id = fields.String()
+    payload = fields.Dict(metadata={"description": "The JSON object as published"})
+    delivery_attempts = fields.Integer()
+    created_at = fields.DateTime()
+
+
+class MessageListSchema(ma.Schema):
+    data = fields.List(fields.Nested(MessageSchema))
+
+
+class SubscriptionMetricsSchema(ma.Schema):
+    subscription_id = fields.String()
+    available = fields.Integer(metadata={"description": "Ready now or waiting out a backoff"})
+    delivered = fields.Integer(metadata={"description": "Locked by a consumer, not yet acked"})
+    acked = fields.Integer(metadata={"description": "Acked and not yet cleaned up"})
+    dlq = fields.Integer(metadata={"description": "Dead letters"})
+
+
+class StatusSchema(ma.Schema):
+    status = fields.String()
+
+
+# Bodies that are bare JSON arrays. marshmallow schemas describe objects, so these are checked
+# by blueprints.load_json_array and documented with the OpenAPI fragments below.
+MESSAGE_IDS_BODY = {
+    "type": "array",
+    "items": {"type": "string", "format": "uuid"},
+    "maxItems": MAX_BATCH_IDS,
+}
+PUBLISH_BODY = {
+    "type": "array",
+    "items": {"type": "object", "additionalProperties": True},
+    "maxItems": MAX_PUBLISH_BATCH,
+    "example": [{"event": "user.created", "country": "BR"}],
+}

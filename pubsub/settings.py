@@ -1,0 +1,91 @@
+"""Load and check the configuration: defaults, instance/config.py, PUBSUB_* variables."""
+
+import os
+from typing import Any
+
+from flask import Flask
+
+from pubsub import config as defaults
+
+ENV_PREFIX = "PUBSUB_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot start with."""
+
+
+def setting_names() -> list[str]:
+    return [name for name in vars(defaults) if name.isupper()]
+
+
+def parse_value(name: str, raw: str, default: Any) -> Any:
+    """Convert an environment string to the type of the setting's default."""
+    if isinstance(default, bool):
+        word = raw.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ConfigError(f"{ENV_PREFIX}{name} must be true or false, not {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{name} must be a whole number, not {raw!r}") from None
+    return raw or None
+
+
+def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
+    app.config.from_object(defaults)
+    app.config.from_pyfile("config.py", silent=True)
+    for name in setting_names():
+        raw = os.environ.get(ENV_PREFIX + name)
+        if raw is not None:
+            app.config[name] = parse_value(name, raw, getattr(defaults, name))
+    app.config.update(overrides or {})
+    check_config(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["API_MAX_BODY_BYTES"]
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse values that would only fail later, naming the variable."""
+
+    def require(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{ENV_PREFIX}{name} {message} (got {config[name]!r})")
+
+    at_least = {
+        "DATABASE_POOL_SIZE": 1,
+        "DATABASE_MAX_OVERFLOW": 0,
+        "SUBSCRIPTION_MAX_ATTEMPTS": 1,
+        "SUBSCRIPTION_BACKOFF_MIN_SECONDS": 0,
+        "SUBSCRIPTION_BACKOFF_MAX_SECONDS": 0,
+        "API_PORT": 1,
+        "API_NUM_WORKERS": 1,
+        "API_NUM_THREADS": 1,
+        "API_MAX_BODY_BYTES": 1024,
+        "AUTH_ACCESS_TOKEN_EXPIRE_MINUTES": 1,
+        "CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS": 0,
+        "CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS": 1,
+    }
+    for name, low in at_least.items():
+        value = config[name]
+        require(isinstance(value, int) and value >= low, name, f"must be a number >= {low}")
+    require(config["API_PORT"] <= 65535, "API_PORT", "must be <= 65535")
+    require(
+        config["SUBSCRIPTION_BACKOFF_MIN_SECONDS"] <= config["SUBSCRIPTION_BACKOFF_MAX_SECONDS"],
+        "SUBSCRIPTION_BACKOFF_MIN_SECONDS",
+        "must not exceed PUBSUB_SUBSCRIPTION_BACKOFF_MAX_SECONDS",
+    )
+    require(str(config["LOG_LEVEL"]).lower() in LOG_LEVELS, "LOG_LEVEL", f"must be one of {LOG_LEVELS}")
+    require(config["LOG_FORMAT"] in LOG_FORMATS, "LOG_FORMAT", f"must be one of {LOG_FORMATS}")
+    url = config["DATABASE_URL"]
+    require(
+        url is None or url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")),
+        "DATABASE_URL",
+        "must start with postgresql:// or postgresql+psycopg://",
+    )

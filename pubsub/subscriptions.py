@@ -1,0 +1,135 @@
+"""Subscriptions: a topic's filtered feed with its own retry policy, queue and DLQ."""
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from pubsub.errors import AlreadyExists, NotFound
+from pubsub.tables import (
+    AVAILABLE,
+    DELIVERED,
+    DLQ,
+    acked_messages,
+    subscription_messages,
+    subscriptions,
+    topics,
+)
+
+SUBSCRIPTION_COLUMNS = (
+    subscriptions.c.id,
+    subscriptions.c.topic_id,
+    subscriptions.c.filter,
+    subscriptions.c.max_delivery_attempts,
+    subscriptions.c.backoff_min_seconds,
+    subscriptions.c.backoff_max_seconds,
+    subscriptions.c.created_at,
+)
+
+
+def create_subscription(
+    conn: sa.Connection,
+    subscription_id: str,
+    topic_id: str,
+    filter: dict | None,
+    max_delivery_attempts: int,
+    backoff_min_seconds: int,
+    backoff_max_seconds: int,
+) -> dict:
+    # INSERT ... SELECT from topics: a missing topic inserts nothing instead of raising.
+    source = sa.select(
+        sa.literal(subscription_id, sa.Text),
+        topics.c.id,
+        sa.cast(sa.literal(filter, subscriptions.c.filter.type), subscriptions.c.filter.type),
+        sa.literal(max_delivery_attempts),
+        sa.literal(backoff_min_seconds),
+        sa.literal(backoff_max_seconds),
+    ).where(topics.c.id == topic_id)
+    stmt = (
+        insert(subscriptions)
+        .from_select(
+            [
+                "id",
+                "topic_id",
+                "filter",
+                "max_delivery_attempts",
+                "backoff_min_seconds",
+                "backoff_max_seconds",
+            ],
+            source,
+        )
+        .on_conflict_do_nothing()
+        .returning(*SUBSCRIPTION_COLUMNS)
+    )
+    try:
+        row = conn.execute(stmt).mappings().first()
+    except sa.exc.IntegrityError:  # the topic was deleted between our read and our insert
+        raise NotFound(f"topic {topic_id!r} not found") from None
+    if row is not None:
+        return dict(row)
+    if conn.execute(sa.select(topics.c.id).where(topics.c.id == topic_id)).first() is None:
+        raise NotFound(f"topic {topic_id!r} not found")
+    raise AlreadyExists(f"subscription {subscription_id!r} already exists")
+
+
+def get_subscription(conn: sa.Connection, subscription_id: str) -> dict:
+    stmt = sa.select(*SUBSCRIPTION_COLUMNS).where(subscriptions.c.id == subscription_id)
+    row = conn.execute(stmt).mappings().first()
+    if row is None:
+        raise NotFound(f"subscription {subscription_id!r} not found")
+    return dict(row)
+
+
+def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
+    """Raise NotFound unless the subscription exists (called only when a statement matched nothing)."""
+    if (
+        conn.execute(sa.select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)).first()
+        is None
+    ):
+        raise NotFound(f"subscription {subscription_id!r} not found")
+
+
+def list_subscriptions(conn: sa.Connection, offset: int, limit: int) -> list[dict]:
+    stmt = sa.select(*SUBSCRIPTION_COLUMNS).order_by(subscriptions.c.id).offset(offset).limit(limit)
+    return [dict(row) for row in conn.execute(stmt).mappings()]
+
+
+def delete_subscription(conn: sa.Connection, subscription_id: str) -> None:
+    """Delete a subscription and all its messages in one transaction."""
+    # The DELETE waits for publishes holding FOR KEY SHARE on this row, so their messages are
+    # committed before we delete them; later publishes no longer see the subscription.
+    if conn.execute(sa.delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount == 0:
+        raise NotFound(f"subscription {subscription_id!r} not found")
+    conn.execute(
+        sa.delete(subscription_messages).where(subscription_messages.c.subscription_id == subscription_id)
+    )
+    conn.execute(sa.delete(acked_messages).where(acked_messages.c.subscription_id == subscription_id))
+
+
+def count_messages(state: int, subscription_id: str) -> sa.ScalarSelect:
+    return (
+        sa.select(sa.func.count())
+        .select_from(subscription_messages)
+        .where(
+            subscription_messages.c.subscription_id == subscription_id, subscription_messages.c.state == state
+        )
+        .scalar_subquery()
+    )
+
+
+def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
+    """Counts by state, from the claim index and the per-ack-statement log (never full history)."""
+    acked = (
+        sa.select(sa.func.coalesce(sa.func.sum(acked_messages.c.count), 0))
+        .where(acked_messages.c.subscription_id == subscription_id)
+        .scalar_subquery()
+    )
+    stmt = sa.select(
+        subscriptions.c.id.label("subscription_id"),
+        count_messages(AVAILABLE, subscription_id).label("available"),
+        count_messages(DELIVERED, subscription_id).label("delivered"),
+        acked.label("acked"),
+        count_messages(DLQ, subscription_id).label("dlq"),
+    ).where(subscriptions.c.id == subscription_id)
+    row = conn.execute(stmt).mappings().first()
+    if row is None:
+        raise NotFound(f"subscription {subscription_id!r} not found")
+    return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}

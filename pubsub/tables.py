@@ -1,0 +1,103 @@
+"""Every table, constraint and index; Alembic's autogenerate and the migration test read this.
+
+Design notes (the performance issue holds these to numbers):
+
+* ``subscription_messages`` is the claim path. It holds only what is still owed to a consumer:
+  available, delivered (locked) and dead-lettered copies. Acking deletes the row, so the table
+  stays as small as the backlog however long the service runs.
+* Acks are remembered in ``acked_messages`` as one row per ack *statement* (subscription, time,
+  how many), insert-only: no hot counter row that concurrent ackers would queue on, and the
+  ``acked`` metric sums a few rows per ack call instead of scanning every message ever acked.
+  ``cleanup-acked`` deletes rows older than the retention.
+* Payloads are *copied* into each matching subscription rather than stored once and referenced.
+  Fan-out is usually to a handful of subscriptions and payloads are small, while a shared table
+  would need a join on every claim and a reference count or a garbage-collection pass on every
+  ack (each copy is acked independently). Copies make ack a single-row delete and claim a
+  single-table read. Nothing indexes the payload: filters are evaluated once, at publish time.
+* ``subscription_messages`` has no foreign key to ``subscriptions``: the per-row RI trigger and
+  its row lock would run for every message published. Publish instead takes one FOR KEY SHARE
+  lock per matching subscription per statement, and deletes remove the messages in the same
+  transaction as the subscription, so no orphan can be left behind.
+"""
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Message states; small integers keep the claim index narrow.
+AVAILABLE = 0
+DELIVERED = 1
+DLQ = 2
+
+topics = sa.Table(
+    "topics",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "topic_id",
+        sa.Text,
+        sa.ForeignKey("topics.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # Stored as given ({} and null both mean "no filter") so it can be echoed back verbatim.
+    sa.Column("filter", JSONB(none_as_null=True), nullable=True),
+    sa.Column("max_delivery_attempts", sa.Integer, nullable=False),
+    sa.Column("backoff_min_seconds", sa.Integer, nullable=False),
+    sa.Column("backoff_max_seconds", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("backoff_min_seconds <= backoff_max_seconds", name="backoff_range"),
+)
+
+subscription_messages = sa.Table(
+    "subscription_messages",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    # Publish order, for ties in available_at and a stable total order in DLQ listings.
+    sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
+    sa.Column("subscription_id", sa.Text, nullable=False),
+    sa.Column("payload", JSONB, nullable=False),
+    sa.Column("state", sa.SmallInteger, nullable=False, server_default=sa.text(str(AVAILABLE))),
+    sa.Column("delivery_attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # When an available message may next be delivered; for a dead letter, when it died.
+    sa.Column("available_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("locked_by", sa.Text, nullable=True),
+    sa.Column("locked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint(f"state IN ({AVAILABLE}, {DELIVERED}, {DLQ})", name="state"),
+    # Claim: WHERE subscription_id = ? AND state = 0 AND available_at <= now()
+    # ORDER BY available_at, seq. Also serves the metrics counts and the DLQ listing.
+    sa.Index("ix_subscription_messages_claim", "subscription_id", "state", "available_at", "seq"),
+    # cleanup-stuck finds expired locks across all subscriptions without scanning the backlog.
+    sa.Index(
+        "ix_subscription_messages_locked_at",
+        "locked_at",
+        postgresql_where=sa.text(f"state = {DELIVERED}"),
+    ),
+)
+
+acked_messages = sa.Table(
+    "acked_messages",
+    metadata,
+    # One row per ack statement; rows are never addressed one by one, so no primary key.
+    sa.Column("subscription_id", sa.Text, nullable=False),
+    sa.Column("acked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Index("ix_acked_messages_subscription_id_acked_at", "subscription_id", "acked_at"),
+)

