@@ -68,8 +68,9 @@ def handle_pubsub_error(error: PubSubError):
 def handle_http_exception(error: HTTPException):
     data = getattr(error, "data", None) or {}
     headers = data.get("headers") or {}
-    if "messages" in data:  # webargs validation failure
-        return error_response(422, "Validation error", flatten_errors(data["messages"]), headers)
+    if "messages" in data:  # webargs: 422 for invalid fields, 400 for a body that is not JSON
+        detail = "Validation error" if error.code == 422 else (error.description or error.name)
+        return error_response(error.code or 422, detail, flatten_errors(data["messages"]), headers)
     if error.code == 405 and error.valid_methods:
         headers = {**headers, "Allow": ", ".join(error.valid_methods)}
     return error_response(error.code or 500, error.description or error.name, None, headers)

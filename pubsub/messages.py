@@ -74,14 +74,16 @@ SELECT :subscription_id, count(*) FROM acked HAVING count(*) > 0
 RETURNING count
 """)
 
-# Retry after min(max, min * 2^(attempts-1)) seconds, or dead-letter once attempts are used up.
+# Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
+BACKOFF_SECONDS = "LEAST(s.backoff_max_seconds, s.backoff_min_seconds * power(2, sm.delivery_attempts - 1))"
+
+# Retry after the backoff, or dead-letter once attempts are used up.
 NACK = sa.text(f"""
 UPDATE subscription_messages AS sm
 SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ} ELSE {AVAILABLE} END,
     available_at = CASE
         WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN now()
-        ELSE now() + make_interval(secs => LEAST(
-            s.backoff_max_seconds, s.backoff_min_seconds * power(2, sm.delivery_attempts - 1)))
+        ELSE now() + make_interval(secs => {BACKOFF_SECONDS})
     END,
     locked_by = NULL,
     locked_at = NULL

@@ -104,3 +104,64 @@ def runner(app):
 @pytest.fixture
 def engine(app) -> sa.Engine:
     return db.get_engine(app)
+
+
+class ApiHelper:
+    """Arrange-and-act shortcuts over the HTTP API that assert the happy-path status."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def create_topic(self, topic_id: str = "orders") -> dict:
+        response = self.client.post("/topics", json={"id": topic_id})
+        assert response.status_code == 201, response.json
+        return response.json
+
+    def create_subscription(self, subscription_id: str = "sub", topic_id: str = "orders", **fields) -> dict:
+        response = self.client.post(
+            "/subscriptions", json={"id": subscription_id, "topic_id": topic_id, **fields}
+        )
+        assert response.status_code == 201, response.json
+        return response.json
+
+    def publish(self, topic_id: str, payloads: list) -> None:
+        response = self.client.post(f"/topics/{topic_id}/messages", json=payloads)
+        assert response.status_code == 204, response.json
+
+    def consume(
+        self, subscription_id: str = "sub", consumer_id: str = "worker-1", batch_size: int = 10
+    ) -> list:
+        response = self.client.get(
+            f"/subscriptions/{subscription_id}/messages",
+            query_string={"consumer_id": consumer_id, "batch_size": batch_size},
+        )
+        assert response.status_code == 200, response.json
+        return response.json["data"]
+
+    def post_ids(self, subscription_id: str, action: str, ids: list) -> None:
+        response = self.client.post(f"/subscriptions/{subscription_id}/{action}", json=ids)
+        assert response.status_code == 204, response.json
+
+    def ack(self, subscription_id: str, ids: list) -> None:
+        self.post_ids(subscription_id, "acks", ids)
+
+    def nack(self, subscription_id: str, ids: list) -> None:
+        self.post_ids(subscription_id, "nacks", ids)
+
+    def reprocess(self, subscription_id: str, ids: list) -> None:
+        self.post_ids(subscription_id, "dlq/reprocess", ids)
+
+    def dlq(self, subscription_id: str = "sub", **page) -> list:
+        response = self.client.get(f"/subscriptions/{subscription_id}/dlq", query_string=page)
+        assert response.status_code == 200, response.json
+        return response.json["data"]
+
+    def metrics(self, subscription_id: str = "sub") -> dict:
+        response = self.client.get(f"/subscriptions/{subscription_id}/metrics")
+        assert response.status_code == 200, response.json
+        return response.json
+
+
+@pytest.fixture
+def api(client) -> ApiHelper:
+    return ApiHelper(client)
