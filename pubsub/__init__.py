@@ -27,7 +27,9 @@ class PubSubApi(Api):
 
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
-    app = Flask(__name__)
+    # PUBSUB_INSTANCE_PATH moves instance/ (config.py, the embedded database) elsewhere.
+    instance_path = os.environ.get("PUBSUB_INSTANCE_PATH")
+    app = Flask(__name__, instance_path=os.path.abspath(instance_path) if instance_path else None)
     settings.load_config(app, overrides)
     app.config.update(
         API_TITLE="pubsub",

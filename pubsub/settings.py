@@ -41,7 +41,7 @@ def parse_value(name: str, raw: str, default: Any) -> Any:
 
 def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
     app.config.from_object(defaults)
-    app.config.from_pyfile("config.py", silent=True)
+    app.config.from_pyfile(os.path.join(app.instance_path, "config.py"), silent=True)
     for name in setting_names():
         raw = os.environ.get(ENV_PREFIX + name)
         if raw is not None:
