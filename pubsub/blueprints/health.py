@@ -2,9 +2,9 @@
 
 import sqlalchemy as sa
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from pubsub import db
+from pubsub.blueprints import Blueprint
 from pubsub.errors import PubSubError
 from pubsub.schemas import ErrorSchema, StatusSchema
 

@@ -1,10 +1,9 @@
 """Subscriptions: their lifecycle, consuming, acks, nacks, the DLQ and metrics."""
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from pubsub import db, messages, subscriptions
-from pubsub.blueprints import load_json_array, message_id
+from pubsub.blueprints import Blueprint, load_json_array, message_id
 from pubsub.encoding import json_response, message_json
 from pubsub.schemas import (
     MAX_BATCH_IDS,

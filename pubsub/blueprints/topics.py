@@ -1,10 +1,9 @@
 """Topics, and publishing to them."""
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from pubsub import db, messages, topics
-from pubsub.blueprints import json_object, load_json_array
+from pubsub.blueprints import Blueprint, json_object, load_json_array
 from pubsub.schemas import (
     MAX_PUBLISH_BATCH,
     PUBLISH_BODY,
