@@ -10,6 +10,18 @@ import pytest
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_flask(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The real `flask` command line, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture
 def orders(api):
     api.create_topic("orders")
@@ -88,13 +100,7 @@ def test_cleanup_stuck_dead_letters_messages_out_of_attempts(orders, api, runner
     ],
 )
 def test_bad_arguments_give_one_line_and_a_non_zero_exit(args):
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "pubsub", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_flask("pubsub", *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -103,15 +109,7 @@ def test_bad_arguments_give_one_line_and_a_non_zero_exit(args):
 
 
 def test_a_bad_setting_stops_a_command_with_one_line_naming_it():
-    env = {**os.environ, "PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS": "500"}
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "pubsub", "cleanup-acked"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_flask("pubsub", "cleanup-acked", PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS="500")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "pubsub: PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS must not exceed"
@@ -119,16 +117,8 @@ def test_a_bad_setting_stops_a_command_with_one_line_naming_it():
     ]
 
 
-def test_database_errors_give_one_line(tmp_path):
-    env = {**os.environ, "PUBSUB_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"}
-    result = subprocess.run(
-        [sys.executable, "-m", "flask", "pubsub", "cleanup-stuck"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_database_errors_give_one_line():
+    result = run_flask("pubsub", "cleanup-stuck", PUBSUB_DATABASE_URL="postgresql://nobody@127.0.0.1:9/none")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("Error: database error:")
     assert "Traceback" not in result.stderr
