@@ -1,8 +1,8 @@
 """Fixtures as in Flask's own conftest (app, client, runner) over a real PostgreSQL.
 
-One freshly migrated database per test session, built by the real migrations: on the server at
-PUBSUB_TEST_DATABASE_URL when set, else on an embedded PostgreSQL started in a temporary
-directory. Tables are truncated before each test.
+One freshly migrated database per test session, built by the real migrations, created (and
+dropped at the end) on the server at PUBSUB_TEST_DATABASE_URL, else PUBSUB_DATABASE_URL, else on
+an embedded PostgreSQL started in a temporary directory. Tables are truncated before each test.
 """
 
 import os
@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db
 
-TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL")
+TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
 TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics")
 
 
