@@ -1,12 +1,47 @@
 """gunicorn settings that are not API_* command-line flags (see commands/server.py)."""
 
+import os
+import signal
+
 from prometheus_client import multiprocess
+
+# gunicorn reads every name here that matches one of its settings, and `config` does: hence the alias.
+from pubsub import config as _defaults
 
 worker_class = "gthread"
 # Workers stay up through a slow database; gunicorn restarts one only if it truly hangs.
 timeout = 60
 graceful_timeout = 20
 accesslog = None
+# gunicorn's control socket is one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): a second
+# server on the host would take it over, and nothing of ours uses it.
+control_socket_disable = True
+
+# gunicorn's own events (workers booting, exiting, timing out) in the app's format: with
+# LOG_FORMAT=json, stderr stays one JSON object per line. `flask pubsub serve` passes both settings.
+_level = os.environ.get("PUBSUB_LOG_LEVEL", _defaults.LOG_LEVEL).upper()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": _level, "handlers": ["stderr"]},
+    "loggers": {"gunicorn.error": {"level": _level, "handlers": [], "propagate": True}},
+    "handlers": {
+        "stderr": {
+            "()": "pubsub.observability.log_handler",
+            "fmt": os.environ.get("PUBSUB_LOG_FORMAT", _defaults.LOG_FORMAT),
+        }
+    },
+}
+
+
+def post_worker_init(worker):
+    # Quick stops (SIGINT: Ctrl-C reaches every process of the terminal's group; SIGQUIT: what the
+    # master sends on SIGINT) become graceful ones. gunicorn's gthread handle_quit shuts the thread
+    # pool down inside the signal handler: when the signal lands while the main thread is in
+    # pool.submit(), holding the pool's lock, the worker deadlocks until the master kills it
+    # graceful_timeout later. handle_exit only flags the loop to stop: in-flight requests finish.
+    signal.signal(signal.SIGINT, worker.handle_exit)
+    signal.signal(signal.SIGQUIT, worker.handle_exit)
 
 
 def child_exit(server, worker):

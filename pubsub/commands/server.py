@@ -1,7 +1,6 @@
 """`flask pubsub serve`: gunicorn (gthread) with the API_* settings."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from flask.cli import with_appcontext
 from pubsub import db
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Stop (TERM, INT, QUIT) and reload (HUP) signals go to gunicorn, which acts on them as it documents.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def gunicorn_command(config) -> list[str]:
@@ -33,6 +34,16 @@ def gunicorn_command(config) -> list[str]:
     ]
 
 
+def run_gunicorn(command: list[str], env: dict[str, str]) -> int:
+    """Run gunicorn until it exits, passing stop signals on; its exit status as a shell gives it."""
+    child = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT)
+    # Kept after gunicorn exits: a second Ctrl-C must not interrupt stopping the database at exit.
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda signum, frame: child.send_signal(signum))
+    status = child.wait()
+    return 128 - status if status < 0 else status
+
+
 @click.command("serve")
 @with_appcontext
 def serve() -> None:
@@ -40,20 +51,13 @@ def serve() -> None:
     app = current_app._get_current_object()
     env = dict(os.environ)
     if not app.config["DATABASE_URL"]:
-        # Started here, in the parent, so every worker shares it and it stops after them.
+        # Started here, in the parent, so every worker shares it and it stops after them (at exit).
         env["PUBSUB_DATABASE_URL"] = db.database_url(app)
-    metrics_dir = tempfile.mkdtemp(prefix="pubsub-metrics-")
-    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    child = subprocess.Popen(gunicorn_command(app.config), env=env, cwd=PROJECT_ROOT)
-
-    def forward(signum, frame):
-        child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    try:
-        status = child.wait()
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    # The embedded PostgreSQL, if we started one, is stopped at exit once gunicorn is gone.
+    # Settings that may come from instance/config.py, for gunicorn's own log lines.
+    env["PUBSUB_LOG_LEVEL"] = app.config["LOG_LEVEL"]
+    env["PUBSUB_LOG_FORMAT"] = app.config["LOG_FORMAT"]
+    # Each worker writes its samples there and /metrics sums them; fresh each run, so no stale counts.
+    with tempfile.TemporaryDirectory(prefix="pubsub-metrics-") as metrics_dir:
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        status = run_gunicorn(gunicorn_command(app.config), env)
     sys.exit(status)
