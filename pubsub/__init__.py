@@ -7,7 +7,7 @@ from flask import Flask
 from flask_migrate import Migrate
 from flask_smorest import Api
 
-from pubsub import encoding, errors, observability, settings
+from pubsub import auth, encoding, errors, observability, settings
 from pubsub.schemas import ErrorSchema
 
 API_DESCRIPTION = """Publish JSON messages to topics; every subscription receives its own
@@ -48,10 +48,11 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     encoding.init_app(app)
     observability.init_app(app)
     api = PubSubApi(app)
+    auth.init_app(app, api)
 
-    from pubsub.blueprints import health, subscriptions, topics
+    from pubsub.blueprints import clients, health, oauth, subscriptions, topics
 
-    for module in (topics, subscriptions, health):
+    for module in (topics, subscriptions, clients, oauth, health):
         api.register_blueprint(module.blp)
 
     from pubsub.commands import cli

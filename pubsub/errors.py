@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 class PubSubError(Exception):
     status = 400
+    headers: dict | None = None
 
     def __init__(self, detail: str):
         super().__init__(detail)
@@ -62,7 +63,7 @@ def flatten_errors(messages: dict, prefix: str = "") -> dict[str, list[str]]:
 
 
 def handle_pubsub_error(error: PubSubError):
-    return error_response(error.status, error.detail, getattr(error, "errors", None))
+    return error_response(error.status, error.detail, getattr(error, "errors", None), error.headers)
 
 
 def handle_http_exception(error: HTTPException):

@@ -6,6 +6,9 @@ import marshmallow as ma
 from flask import current_app
 from marshmallow import fields, validate
 
+from pubsub.clients import normalize_scopes
+from pubsub.errors import InvalidInput
+
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 FILTER_MAX_KEYS = 32
 FILTER_MAX_VALUES = 100
@@ -170,3 +173,58 @@ PUBLISH_BODY = {
     "maxItems": MAX_PUBLISH_BATCH,
     "example": [{"event": "user.created", "country": "BR"}],
 }
+
+
+def valid_scopes(value: str) -> None:
+    try:
+        normalize_scopes(value)
+    except InvalidInput as error:
+        raise ma.ValidationError(error.detail.removeprefix("scopes: ")) from None
+
+
+class ClientCreateSchema(ma.Schema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    scopes = fields.String(
+        required=True,
+        validate=valid_scopes,
+        metadata={"description": "Space-separated scopes", "example": "topics:publish:orders"},
+    )
+    is_active = fields.Boolean(load_default=True)
+
+
+class ClientUpdateSchema(ma.Schema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    scopes = fields.String(required=True, validate=valid_scopes)
+    is_active = fields.Boolean(required=True)
+
+
+class ClientSchema(ma.Schema):
+    id = fields.UUID()
+    name = fields.String()
+    scopes = fields.String()
+    is_active = fields.Boolean()
+    token_version = fields.Integer()
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+
+
+class ClientListSchema(ma.Schema):
+    data = fields.List(fields.Nested(ClientSchema))
+
+
+class ClientSecretSchema(ma.Schema):
+    id = fields.UUID()
+    secret = fields.String(metadata={"description": "Shown once: only its digest is stored"})
+
+
+class TokenRequestSchema(ma.Schema):
+    client_id = fields.String(required=True)
+    client_secret = fields.String(required=True)
+    grant_type = fields.String(metadata={"description": "client_credentials (form requests)"})
+
+
+class TokenSchema(ma.Schema):
+    access_token = fields.String()
+    token_type = fields.String(metadata={"example": "Bearer"})
+    expires_in = fields.Integer(metadata={"description": "Seconds"})
+    scope = fields.String()

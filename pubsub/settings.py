@@ -54,9 +54,10 @@ def load_config(app: Flask, overrides: dict[str, Any] | None = None) -> None:
 def check_config(config: dict[str, Any]) -> None:
     """Refuse values that would only fail later, naming the variable."""
 
-    def require(ok: bool, name: str, message: str) -> None:
+    def require(ok: bool, name: str, message: str, secret: bool = False) -> None:
         if not ok:
-            raise ConfigError(f"{ENV_PREFIX}{name} {message} (got {config[name]!r})")
+            got = "" if secret else f" (got {config[name]!r})"  # never print a secret
+            raise ConfigError(f"{ENV_PREFIX}{name} {message}{got}")
 
     at_least = {
         "DATABASE_POOL_SIZE": 1,
@@ -83,6 +84,20 @@ def check_config(config: dict[str, Any]) -> None:
     )
     require(str(config["LOG_LEVEL"]).lower() in LOG_LEVELS, "LOG_LEVEL", f"must be one of {LOG_LEVELS}")
     require(config["LOG_FORMAT"] in LOG_FORMATS, "LOG_FORMAT", f"must be one of {LOG_FORMATS}")
+    require(
+        config["AUTH_ALGORITHM"] in ("HS256", "HS384", "HS512"),
+        "AUTH_ALGORITHM",
+        "must be HS256, HS384 or HS512 (tokens are signed with AUTH_SECRET_KEY)",
+    )
+    if config["AUTH_ENABLED"]:
+        key = config["AUTH_SECRET_KEY"] or ""
+        require(
+            len(key.encode()) >= 32,
+            "AUTH_SECRET_KEY",
+            "must be set, at least 32 bytes, when PUBSUB_AUTH_ENABLED is true"
+            " (make one with: PUBSUB_AUTH_ENABLED=false flask pubsub generate-secret-key)",
+            secret=True,
+        )
     url = config["DATABASE_URL"]
     require(
         url is None or url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")),

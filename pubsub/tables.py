@@ -101,3 +101,20 @@ acked_messages = sa.Table(
     sa.Column("count", sa.Integer, nullable=False),
     sa.Index("ix_acked_messages_subscription_id_acked_at", "subscription_id", "acked_at"),
 )
+
+clients = sa.Table(
+    "clients",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.func.gen_random_uuid()),
+    sa.Column("name", sa.Text, nullable=False),
+    # Space-separated, as in tokens: "*", "topics:read", "topics:publish:orders", ...
+    sa.Column("scopes", sa.Text, nullable=False),
+    # SHA-256 of the secret. Secrets are 256 random bits made by the server, so a slow KDF adds
+    # no protection and would make the token endpoint a CPU sink.
+    sa.Column("secret_hash", sa.Text, nullable=False),
+    sa.Column("is_active", sa.Boolean, nullable=False, server_default=sa.true()),
+    # In every token; bumped by each update, which invalidates the tokens issued before.
+    sa.Column("token_version", sa.Integer, nullable=False, server_default=sa.text("1")),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)

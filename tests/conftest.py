@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from pubsub import create_app, db
 
 TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
-TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics")
+TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics", "clients")
 
 
 def admin_conninfo(url: str) -> str:

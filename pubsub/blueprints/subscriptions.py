@@ -3,6 +3,7 @@
 from flask.views import MethodView
 
 from pubsub import db, messages, subscriptions
+from pubsub.auth import require_scope
 from pubsub.blueprints import Blueprint, load_json_array, message_id
 from pubsub.encoding import json_response, message_json
 from pubsub.schemas import (
@@ -41,6 +42,7 @@ def load_message_ids() -> list:
 
 @blp.route("")
 class Subscriptions(MethodView):
+    @require_scope("subscriptions", "create")
     @blp.arguments(SubscriptionCreateSchema)
     @blp.response(201, SubscriptionSchema)
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
@@ -58,6 +60,7 @@ class Subscriptions(MethodView):
                 data["backoff_max_seconds"],
             )
 
+    @require_scope("subscriptions", "read")
     @blp.arguments(PaginationSchema, location="query")
     @blp.response(200, SubscriptionListSchema)
     def get(self, page):
@@ -68,6 +71,7 @@ class Subscriptions(MethodView):
 
 @blp.route("/<id>")
 class Subscription(MethodView):
+    @require_scope("subscriptions", "read")
     @blp.response(200, SubscriptionSchema)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, id):
@@ -75,6 +79,7 @@ class Subscription(MethodView):
         with db.begin() as conn:
             return subscriptions.get_subscription(conn, id)
 
+    @require_scope("subscriptions", "delete")
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
     def delete(self, id):
@@ -85,6 +90,7 @@ class Subscription(MethodView):
 
 @blp.route("/<id>/messages")
 class SubscriptionMessages(MethodView):
+    @require_scope("subscriptions", "consume")
     @blp.arguments(ConsumeQuerySchema, location="query")
     @blp.response(200, MessageListSchema)
     @blp.alt_response(404, **NOT_FOUND)
@@ -98,6 +104,7 @@ class SubscriptionMessages(MethodView):
 
 @blp.route("/<id>/acks")
 class Acks(MethodView):
+    @require_scope("subscriptions", "consume")
     @document_ids_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
@@ -110,6 +117,7 @@ class Acks(MethodView):
 
 @blp.route("/<id>/nacks")
 class Nacks(MethodView):
+    @require_scope("subscriptions", "consume")
     @document_ids_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
@@ -122,6 +130,7 @@ class Nacks(MethodView):
 
 @blp.route("/<id>/dlq")
 class DeadLetters(MethodView):
+    @require_scope("subscriptions", "consume", "read")
     @blp.arguments(PaginationSchema, location="query")
     @blp.response(200, MessageListSchema)
     @blp.alt_response(404, **NOT_FOUND)
@@ -134,6 +143,7 @@ class DeadLetters(MethodView):
 
 @blp.route("/<id>/dlq/reprocess")
 class Reprocess(MethodView):
+    @require_scope("subscriptions", "consume")
     @document_ids_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
@@ -146,6 +156,7 @@ class Reprocess(MethodView):
 
 @blp.route("/<id>/metrics")
 class Metrics(MethodView):
+    @require_scope("subscriptions", "consume", "read")
     @blp.response(200, SubscriptionMetricsSchema)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, id):

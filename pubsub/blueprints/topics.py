@@ -3,6 +3,7 @@
 from flask.views import MethodView
 
 from pubsub import db, messages, topics
+from pubsub.auth import require_scope
 from pubsub.blueprints import Blueprint, json_object, load_json_array
 from pubsub.schemas import (
     MAX_PUBLISH_BATCH,
@@ -22,6 +23,7 @@ blp = Blueprint("topics", __name__, url_prefix="/topics", description="Topics an
 
 @blp.route("")
 class Topics(MethodView):
+    @require_scope("topics", "create")
     @blp.arguments(TopicCreateSchema)
     @blp.response(201, TopicSchema)
     @blp.alt_response(409, schema=ErrorSchema, description="Topic already exists")
@@ -30,6 +32,7 @@ class Topics(MethodView):
         with db.begin() as conn:
             return topics.create_topic(conn, data["id"])
 
+    @require_scope("topics", "read")
     @blp.arguments(PaginationSchema, location="query")
     @blp.response(200, TopicListSchema)
     def get(self, page):
@@ -40,6 +43,7 @@ class Topics(MethodView):
 
 @blp.route("/<id>")
 class Topic(MethodView):
+    @require_scope("topics", "read")
     @blp.response(200, TopicSchema)
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
     def get(self, id):
@@ -47,6 +51,7 @@ class Topic(MethodView):
         with db.begin() as conn:
             return topics.get_topic(conn, id)
 
+    @require_scope("topics", "delete")
     @blp.response(204)
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
     def delete(self, id):
@@ -57,6 +62,7 @@ class Topic(MethodView):
 
 @blp.route("/<id>/messages")
 class TopicMessages(MethodView):
+    @require_scope("topics", "publish")
     @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
     @blp.response(204)
     @blp.alt_response(400, schema=ErrorSchema, description="Malformed JSON")

@@ -3,7 +3,7 @@
 import click
 import sqlalchemy as sa
 
-from pubsub.commands import maintenance, server
+from pubsub.commands import clients, maintenance, server
 
 
 class OneLineUsageError(click.UsageError):
@@ -27,12 +27,20 @@ class PubSubCommand(click.Command):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message()) from None
         except sa.exc.SQLAlchemyError as error:
             first_line = (str(getattr(error, "orig", None) or error).splitlines() or [""])[0]
             raise click.ClickException(f"database error: {first_line}") from None
 
 
 cli = click.Group("pubsub", help="Run and maintain the pubsub service.")
-for command in (server.serve, maintenance.cleanup_acked, maintenance.cleanup_stuck):
+for command in (
+    server.serve,
+    maintenance.cleanup_acked,
+    maintenance.cleanup_stuck,
+    clients.generate_secret_key,
+    clients.create_client,
+):
     command.__class__ = PubSubCommand
     cli.add_command(command)
