@@ -25,8 +25,12 @@ ACTIONS = {
     "subscriptions": ("create", "read", "delete", "consume"),
     "clients": ("create", "update", "read", "delete"),
 }
-# Object-specific scopes name a topic or subscription: RESOURCE:ACTION:ID.
-OBJECT_RESOURCES = ("topics", "subscriptions")
+# Object-specific scopes name an existing topic or subscription: RESOURCE:ACTION:ID (creating is
+# not an action on an existing object, so there is no create form).
+OBJECT_ACTIONS = {
+    "topics": ("read", "delete", "publish"),
+    "subscriptions": ("read", "delete", "consume"),
+}
 OBJECT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Compared against when the client is unknown, so that case costs the same as a wrong secret.
 UNKNOWN_CLIENT_DIGEST = hashlib.sha256(b"no such client").hexdigest()
@@ -44,7 +48,7 @@ def normalize_scopes(scopes: str) -> str:
         resource, action = (parts + ["", ""])[:2]
         known = action in ACTIONS.get(resource, ())
         if len(parts) == 3:
-            known = known and resource in OBJECT_RESOURCES and bool(OBJECT_ID.match(parts[2]))
+            known = action in OBJECT_ACTIONS.get(resource, ()) and bool(OBJECT_ID.match(parts[2]))
         elif len(parts) != 2:
             known = False
         if not known:
@@ -139,4 +143,5 @@ def token_is_current(conn: sa.Connection, client_id: str, token_version: int) ->
     except (ValueError, AttributeError, TypeError):
         return False
     stmt = sa.select(clients.c.token_version).where(clients.c.id == parsed_id, clients.c.is_active)
-    return conn.execute(stmt).scalar() == token_version
+    current = conn.execute(stmt).scalar()  # None: no such active client
+    return current is not None and current == token_version

@@ -91,10 +91,13 @@ def check_config(config: dict[str, Any]) -> None:
     )
     if config["AUTH_ENABLED"]:
         key = config["AUTH_SECRET_KEY"] or ""
+        # RFC 7518 §3.2: an HMAC key at least as long as the hash (PyJWT warns otherwise).
+        min_bytes = {"HS384": 48, "HS512": 64}.get(config["AUTH_ALGORITHM"], 32)
         require(
-            len(key.encode()) >= 32,
+            len(key.encode()) >= min_bytes,
             "AUTH_SECRET_KEY",
-            "must be set, at least 32 bytes, when PUBSUB_AUTH_ENABLED is true"
+            f"must be set, at least {min_bytes} bytes for {config['AUTH_ALGORITHM']},"
+            " when PUBSUB_AUTH_ENABLED is true"
             " (make one with: PUBSUB_AUTH_ENABLED=false flask pubsub generate-secret-key)",
             secret=True,
         )

@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 from pubsub import create_app, db
 
 TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
+pytest_plugins = ["tests.auth_support"]  # auth fixtures shared by the test_auth*.py modules
+
 TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics", "clients")
 
 

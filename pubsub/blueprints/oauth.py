@@ -9,7 +9,7 @@ from flask.views import MethodView
 from pubsub import clients, db
 from pubsub.auth import Unauthorized, issue_token
 from pubsub.blueprints import Blueprint, read_json_body
-from pubsub.errors import InvalidInput, ValidationFailed
+from pubsub.errors import InvalidInput, PubSubError, ValidationFailed
 from pubsub.schemas import ErrorSchema, TokenRequestSchema, TokenSchema
 
 blp = Blueprint("oauth", __name__, url_prefix="/oauth", description="Access tokens")
@@ -32,16 +32,19 @@ def basic_credentials() -> tuple[str, str] | None:
 def read_credentials() -> tuple[str, str]:
     """From JSON {client_id, client_secret}, an OAuth2 form (grant_type=client_credentials), or Basic."""
     basic = basic_credentials()
-    if basic is not None:
-        return basic
     if request.mimetype == "application/x-www-form-urlencoded":
         body = request.form.to_dict()
-        if body.get("grant_type", "client_credentials") != "client_credentials":
-            raise InvalidInput("grant_type must be client_credentials")
+    elif basic is not None and not request.get_data(cache=True):
+        body = {}
     else:
         body = read_json_body()[0]
     if not isinstance(body, dict):
         raise ValidationFailed({"json": ["must be a JSON object"]})
+    # Whichever way the credentials come, a grant_type, if given, must be this one.
+    if body.get("grant_type", "client_credentials") != "client_credentials":
+        raise InvalidInput("grant_type must be client_credentials")
+    if basic is not None:
+        return basic
     problems = {
         f"json.{field}": ["Missing or not a string."]
         for field in ("client_id", "client_secret")
@@ -69,7 +72,7 @@ class Token(MethodView):
     def post(self):
         """Exchange a client's id and secret for an access token."""
         if not current_app.config["AUTH_SECRET_KEY"]:
-            raise InvalidInput("tokens are not available: AUTH_SECRET_KEY is not set")
+            raise PubSubError("tokens are not available: AUTH_SECRET_KEY is not set")
         client_id, secret = read_credentials()
         with db.begin() as conn:
             client = clients.authenticate_client(conn, client_id, secret)

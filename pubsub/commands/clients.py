@@ -22,6 +22,8 @@ def generate_secret_key() -> None:
 @with_appcontext
 def create_client(name: str, scopes: str, inactive: bool) -> None:
     """Create an API client with space-separated SCOPES ('*' for admin); prints its credentials."""
+    if not 1 <= len(name) <= 255:
+        raise click.BadParameter("must be 1 to 255 characters", param_hint="NAME")
     try:
         scopes = clients.normalize_scopes(scopes)
     except InvalidInput as error:
