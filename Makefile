@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FLASK := $(BIN)/flask
 
-.PHONY: install install-dev run test lint format clean
+.PHONY: install install-dev run test lint format clean bench bench-smoke
 
 install: $(VENV)/.installed
 
@@ -39,3 +39,16 @@ format: install-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Load benchmarks (bench/README.md): starts the app on an embedded PostgreSQL of its own, runs
+# every scenario over HTTP and as raw SQL, prints one JSON line per run, a table and HTTP/raw ratios.
+# Options go through BENCH_ARGS, e.g. make bench BENCH_ARGS="publish_batch --threads 4,8,16".
+BENCH_ARGS ?=
+
+bench: install
+	$(BIN)/python -m bench --compare-raw $(BENCH_ARGS)
+
+# About 30 s: every scenario for 1.5 s each way, every check enforced; exits non-zero when one
+# fails. CI runs it so the bench cannot rot. The bench stops the app itself; timeout is a backstop.
+bench-smoke: install
+	timeout 240 $(BIN)/python -m bench --smoke --compare-raw $(BENCH_ARGS)

@@ -1,0 +1,1 @@
+"""Load benchmarks of the pubsub API: python -m bench (see bench/README.md)."""

@@ -1,0 +1,467 @@
+"""The load: worker processes, each running a few client threads, each client with its own
+keep-alive HTTP connection (or, in raw mode, its own PostgreSQL connection running the app's
+statements). Clients publish or consume until a shared deadline; every process measures the CPU
+it used and sends back counts, latencies and the keys of the messages it consumed."""
+
+import http.client
+import multiprocessing
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import orjson
+import psutil
+
+COUNTRIES = ("BR", "US", "DE", "JP", "IN")  # payload["country"] = COUNTRIES[seq % 5]; filters use it
+SEQ_BITS = 32  # a message key is client index << 32 | sequence number within that client
+IDLE_RECONNECT = 1.5  # seconds; gunicorn drops keep-alive connections idle for 2 s
+REQUEST_TIMEOUT = 60
+START_TIMEOUT = 120  # for worker processes to import, connect and report ready
+EMPTY_POLL = 0.005  # seconds a consumer waits after an empty claim while publishers still run
+
+
+class RequestFailed(Exception):
+    pass
+
+
+class HttpClient:
+    """The REST API over one keep-alive connection (reopened after an idle spell or an error)."""
+
+    def __init__(self, url: str, token: str | None):
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.conn: http.client.HTTPConnection | None = None
+        self.last_used = 0.0
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        now = time.monotonic()
+        if self.conn is not None and now - self.last_used > IDLE_RECONNECT:
+            self.close()
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT)
+            self.conn.connect()
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.conn.request(method, path, body=body, headers=self.headers)
+            response = self.conn.getresponse()
+            data = response.read()
+        except BaseException:
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        self.last_used = time.monotonic()
+        return response.status, data
+
+    def expect(self, status: int, expected: int, data: bytes, what: str) -> None:
+        if status != expected:
+            raise RequestFailed(f"{what}: HTTP {status} {data[:200]!r}")
+
+    def publish(self, topic_id: str, body: bytes) -> None:
+        status, data = self.request("POST", f"/topics/{topic_id}/messages", body)
+        self.expect(status, 204, data, "publish")
+
+    def claim(self, subscription_id: str, consumer_id: str, batch_size: int) -> list[tuple]:
+        path = f"/subscriptions/{subscription_id}/messages?consumer_id={consumer_id}&batch_size={batch_size}"
+        status, data = self.request("GET", path)
+        self.expect(status, 200, data, "consume")
+        return [(m["id"], m["payload"]) for m in orjson.loads(data)["data"]]
+
+    def ack(self, subscription_id: str, ids: list) -> None:
+        status, data = self.request("POST", f"/subscriptions/{subscription_id}/acks", orjson.dumps(ids))
+        self.expect(status, 204, data, "ack")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+class SqlClient:
+    """The app's own statements (pubsub.messages) on one connection, one transaction each, as a
+    request runs them; no HTTP, no Flask, no pool checkout: the ceiling for this schema."""
+
+    def __init__(self, engine):
+        # Imported before the window: importing pubsub loads Flask and the rest of the app.
+        from pubsub.messages import ACK, CLAIM, PUBLISH
+
+        self.statements = {"publish": PUBLISH, "claim": CLAIM, "ack": ACK}
+        self.conn = engine.connect()
+
+    def publish(self, topic_id: str, body: bytes) -> None:
+        with self.conn.begin():
+            row = self.conn.execute(
+                self.statements["publish"], {"topic_id": topic_id, "payloads": body.decode()}
+            ).one()
+        if row.topics == 0:
+            raise RequestFailed(f"publish: topic {topic_id!r} not found")
+
+    def claim(self, subscription_id: str, consumer_id: str, batch_size: int) -> list[tuple]:
+        params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
+        with self.conn.begin():
+            rows = self.conn.execute(self.statements["claim"], params).all()
+        return [(row.id, orjson.loads(row.payload)) for row in rows]
+
+    def ack(self, subscription_id: str, ids: list) -> None:
+        with self.conn.begin():
+            self.conn.execute(self.statements["ack"], {"subscription_id": subscription_id, "ids": ids})
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class Tally:
+    """What the clients of one process did; summed over processes by merge()."""
+
+    published: int = 0  # messages in publishes that succeeded within the window
+    consumed: int = 0  # messages claimed and then acked within the window
+    drained: int = 0  # consumed after the window, to empty the subscription for the checks
+    requests: int = 0  # within the window
+    errors: int = 0
+    error_samples: list = field(default_factory=list)
+    latency: dict = field(default_factory=dict)  # operation -> array of seconds
+    e2e: array = field(default_factory=lambda: array("d"))  # publish start -> claimed, seconds
+    keys: array = field(default_factory=lambda: array("q"))  # keys of every message acked
+    countries: Counter = field(default_factory=Counter)  # published messages by payload country
+    published_by_client: dict = field(default_factory=dict)  # client index -> messages published
+    cpu_seconds: float = 0.0  # this process, from go to the end of the window
+
+    def record(self, operation: str, seconds: float) -> None:
+        self.requests += 1
+        self.latency.setdefault(operation, array("d")).append(seconds)
+
+    def error(self, exc: BaseException) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 5:
+            self.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    def merge(self, other: "Tally") -> None:
+        for name in ("published", "consumed", "drained", "requests", "errors", "cpu_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.error_samples.extend(other.error_samples[: max(0, 5 - len(self.error_samples))])
+        for operation, values in other.latency.items():
+            self.latency.setdefault(operation, array("d")).extend(values)
+        self.e2e.extend(other.e2e)
+        self.keys.extend(other.keys)
+        self.countries.update(other.countries)
+        self.published_by_client.update(other.published_by_client)
+
+
+@dataclass
+class Clock:
+    """The window every client shares (time.monotonic is one clock for all processes on Linux)."""
+
+    start: float
+    deadline: float
+    drain_deadline: float
+    publishers_left: object  # multiprocessing.Value: publisher threads still running, all processes
+
+
+def make_payloads(index: int, first: int, count: int, pad: str) -> bytes:
+    now = time.time()
+    base = index << SEQ_BITS
+    return orjson.dumps(
+        [
+            {"k": base | seq, "ts": now, "country": COUNTRIES[seq % len(COUNTRIES)], "pad": pad}
+            for seq in range(first, first + count)
+        ]
+    )
+
+
+def run_publisher(client, spec: dict, clock: Clock, tally: Tally, lock: threading.Lock) -> None:
+    """Publish batches until the deadline (or until spec['messages'] are out), paced when
+    spec['rate'] (messages/s for this client) is set."""
+    batch, limit, pad = spec["batch"], spec.get("messages"), spec["pad"]
+    interval = batch / spec["rate"] if spec.get("rate") else 0.0
+    next_at = clock.start
+    seq = 0
+    local = Tally()
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= clock.deadline or (limit is not None and seq >= limit):
+                break
+            if interval:
+                if next_at > now:
+                    time.sleep(min(next_at, clock.deadline) - now)
+                    if time.monotonic() >= clock.deadline:
+                        break
+                next_at += interval
+            count = batch if limit is None else min(batch, limit - seq)
+            body = make_payloads(spec["index"], seq, count, pad)
+            started = time.perf_counter()
+            try:
+                client.publish(spec["topic"], body)
+            except Exception as exc:  # counted; a failed batch may or may not have been stored
+                local.error(exc)
+                time.sleep(0.01)
+                continue
+            local.record("publish", time.perf_counter() - started)
+            local.published += count
+            for i in range(seq, seq + count):
+                local.countries[COUNTRIES[i % len(COUNTRIES)]] += 1
+            seq += count
+    finally:
+        local.published_by_client[spec["index"]] = seq
+        with clock.publishers_left.get_lock():
+            clock.publishers_left.value -= 1
+        with lock:
+            tally.merge(local)
+
+
+def run_consumer(client, spec: dict, clock: Clock, tally: Tally, lock: threading.Lock) -> None:
+    """Claim a batch, ack it, repeat: until the deadline, or until the subscription is empty
+    (spec['until_empty']); with spec['drain'], go on after the deadline until the publishers are
+    done and nothing is left, so that the checks can count every message."""
+    subscription, batch = spec["subscription"], spec["batch"]
+    consumer_id = f"bench-{spec['index']}"
+    local = Tally()
+    try:
+        while True:
+            now = time.monotonic()
+            in_window = now < clock.deadline
+            if not in_window and (not spec.get("drain") or now >= clock.drain_deadline):
+                break
+            publishers_done = clock.publishers_left.value == 0  # read before the claim: see below
+            started = time.perf_counter()
+            try:
+                rows = client.claim(subscription, consumer_id, batch)
+            except Exception as exc:
+                local.error(exc)
+                time.sleep(0.01)
+                continue
+            claimed = time.perf_counter()
+            if in_window:
+                local.record("consume", claimed - started)
+            if not rows:
+                # Publishers count themselves out after their last publish committed, so an empty
+                # claim that started after they were all out means nothing is left.
+                if spec.get("until_empty") or (not in_window and publishers_done):
+                    break
+                time.sleep(EMPTY_POLL)
+                continue
+            if spec.get("e2e") and in_window:
+                wall = time.time()
+                local.e2e.extend(wall - payload["ts"] for _, payload in rows)
+            try:
+                client.ack(subscription, [message_id for message_id, _ in rows])
+            except Exception as exc:
+                local.error(exc)
+                continue
+            if in_window:
+                local.record("ack", time.perf_counter() - claimed)
+                local.consumed += len(rows)
+            else:
+                local.drained += len(rows)
+            local.keys.extend(payload["k"] for _, payload in rows)
+    finally:
+        with lock:
+            tally.merge(local)
+
+
+def make_client(target: dict, engine):
+    if target["mode"] == "raw":
+        return SqlClient(engine)
+    return HttpClient(target["url"], target.get("token"))
+
+
+@dataclass
+class Signals:
+    """What the coordinator and the worker processes share."""
+
+    ready: object  # Barrier: every worker connected, and the coordinator
+    go: object  # Event: the window starts at start_at
+    start_at: object  # Value("d"), time.monotonic() of the start
+    publishers_left: object  # Value("i"): publisher threads still running
+    in_window: object  # Value("i"): worker processes whose window has not ended
+    measured: object  # Event: the coordinator has read the CPU counters at the window's end
+
+
+def worker_main(index: int, target: dict, specs: list[dict], signals: Signals, results, timing: dict):
+    """One load-generator process: set up, wait for go, run the clients, report."""
+    try:
+        engine = None
+        if target["mode"] == "raw":
+            import sqlalchemy as sa
+
+            engine = sa.create_engine(
+                target["database_url"],
+                pool_size=len(specs),
+                max_overflow=0,
+                connect_args={"options": "-c TimeZone=UTC"},
+            )
+        clients = [make_client(target, engine) for _ in specs]
+        signals.ready.wait(timeout=START_TIMEOUT)
+        if not signals.go.wait(timeout=START_TIMEOUT):
+            raise TimeoutError("no go signal")
+        cpu_start = time.process_time()
+        start = signals.start_at.value
+        clock = Clock(
+            start,
+            start + timing["duration"],
+            start + timing["duration"] + timing["drain"],
+            signals.publishers_left,
+        )
+        tally, lock = Tally(), threading.Lock()
+        threads = [
+            threading.Thread(
+                target=run_publisher if spec["role"] == "publish" else run_consumer,
+                args=(client, spec, clock, tally, lock),
+                daemon=True,
+            )
+            for client, spec in zip(clients, specs, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        # The window ends at the deadline, or earlier when every client is done (drained queue).
+        while time.monotonic() < clock.deadline and any(t.is_alive() for t in threads):
+            time.sleep(0.01)
+        tally.cpu_seconds = time.process_time() - cpu_start
+        with signals.in_window.get_lock():
+            signals.in_window.value -= 1
+        for thread in threads:
+            thread.join(timeout=max(0.0, clock.drain_deadline - time.monotonic()) + REQUEST_TIMEOUT)
+        # Connections stay open until the coordinator has read PostgreSQL's CPU counters: a
+        # backend exiting in the middle of that reading would take its CPU time out of the sum.
+        signals.measured.wait(timeout=REQUEST_TIMEOUT)
+        for client in clients:
+            client.close()
+        if engine is not None:
+            engine.dispose()
+        results.put(("ok", index, tally))
+    except BaseException:
+        signals.ready.abort()  # the coordinator stops waiting for this process at once
+        results.put(("error", index, traceback.format_exc()))
+
+
+@dataclass
+class Outcome:
+    tally: Tally
+    elapsed: float  # the measured window, seconds
+    # CPU seconds within the window: "loadgen", one per meter ("app", "postgres"), and "machine"
+    # (every process on the host, for spotting a neighbour that skews the run); None: unknown.
+    cpu: dict[str, float | None]
+
+
+def wait_until_quiet(max_seconds: float, threshold: float = 0.1) -> float:
+    """Wait (at most max_seconds) for a second in which the machine uses under `threshold`
+    cores; the app is idle meanwhile, so that is someone else's load. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_seconds:
+        before = machine_busy_seconds()
+        time.sleep(1.0)
+        if machine_busy_seconds() - before < threshold:
+            break
+    return time.monotonic() - started
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy (not idle, not waiting for I/O)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def run_load(
+    target: dict, specs: list[dict], procs: int, duration: float, drain: float, cpu_meters
+) -> Outcome:
+    """Run the clients spread over `procs` processes; measure the window and everyone's CPU.
+
+    cpu_meters: {"app": callable, "postgres": callable} each returning cumulative CPU seconds
+    (or None when that CPU cannot be measured).
+    """
+    cpu_meters = {**cpu_meters, "machine": machine_busy_seconds}
+    # fork: workers start at once, with everything imported. The parent holds no database
+    # connection and runs no thread when it forks (its engines are disposed after each use).
+    ctx = multiprocessing.get_context("fork")
+    procs = max(1, min(procs, len(specs)))
+    groups = [specs[i::procs] for i in range(procs)]
+    signals = Signals(
+        ready=ctx.Barrier(procs + 1),
+        go=ctx.Event(),
+        start_at=ctx.Value("d", 0.0),
+        publishers_left=ctx.Value("i", sum(1 for spec in specs if spec["role"] == "publish")),
+        in_window=ctx.Value("i", procs),
+        measured=ctx.Event(),
+    )
+    results = ctx.Queue()
+    timing = {"duration": duration, "drain": drain}
+    workers = [
+        ctx.Process(target=worker_main, args=(i, target, group, signals, results, timing), daemon=True)
+        for i, group in enumerate(groups)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        try:
+            signals.ready.wait(timeout=START_TIMEOUT)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"load generator did not start: {drain_errors(results)}") from None
+        cpu_before = {name: meter() for name, meter in cpu_meters.items()}
+        own_before = time.process_time()
+        start = signals.start_at.value = time.monotonic()
+        signals.go.set()
+        # The window ends at the deadline, or when every client is done (a drained queue).
+        while (
+            time.monotonic() < start + duration
+            and signals.in_window.value > 0
+            and any(w.is_alive() for w in workers)
+        ):
+            time.sleep(0.01)
+        window_end = time.monotonic()
+        cpu_after = {name: meter() for name, meter in cpu_meters.items()}
+        own_cpu = time.process_time() - own_before
+        signals.measured.set()
+        tally = Tally()
+        bound = time.monotonic() + drain + 2 * REQUEST_TIMEOUT
+        for _ in workers:
+            try:
+                status, index, payload = results.get(timeout=max(1.0, bound - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError("load generator processes did not report in time") from None
+            if status != "ok":
+                raise RuntimeError(f"load generator process {index} failed:\n{payload}")
+            tally.merge(payload)
+        for worker in workers:
+            worker.join(timeout=10)
+    finally:
+        stop_processes(workers)
+
+    cpu = {"loadgen": tally.cpu_seconds + own_cpu}
+    for name in cpu_meters:
+        known = cpu_before[name] is not None and cpu_after[name] is not None
+        cpu[name] = cpu_after[name] - cpu_before[name] if known else None
+    return Outcome(tally=tally, elapsed=window_end - start, cpu=cpu)
+
+
+def drain_errors(results) -> str:
+    errors = []
+    while True:
+        try:
+            status, index, payload = results.get(timeout=1)
+        except queue.Empty:
+            break
+        if status != "ok":
+            errors.append(f"process {index}:\n{payload}")
+    return "\n".join(errors) or "timed out"
+
+
+def stop_processes(workers) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+        if worker.is_alive():
+            os.kill(worker.pid, 9)
+            worker.join(timeout=5)

@@ -1,0 +1,320 @@
+"""The scenarios: each sets up its topic through the API, runs the load for the window, checks
+through the API that nothing was lost or acked twice, deletes its topic and returns a result."""
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+
+import psutil
+import sqlalchemy as sa
+
+from bench.app import AppError, request_json, tree_cpu_seconds
+from bench.load import SEQ_BITS, Outcome, Tally, run_load, wait_until_quiet
+from pubsub.tables import acked_messages
+
+FANOUT_SUBSCRIPTIONS = 10
+# Three filtered subscriptions of the ten; payload countries cycle through load.COUNTRIES.
+FANOUT_FILTERS = ({"country": ["BR"]}, {"country": ["US", "DE"]}, {"country": ["JP", "IN", "XX"]})
+PREFILL_BATCH = 1000  # the API's largest publish batch
+PREFILL_CLIENTS_PER_PROC = 3
+HISTORY_SPAN_SECONDS = 1800  # acked history spread over the last half hour (within cleanup's retention)
+
+
+class Run:
+    """One mode (http or raw) against one running app: the helpers every scenario uses."""
+
+    _names = itertools.count(1)
+    _clients = itertools.count(1)
+
+    def __init__(self, app, args, mode: str, token: str | None):
+        self.app, self.args, self.mode, self.token = app, args, mode, token
+        self.prefix = f"bench{os.getpid()}"
+        self.notes: list[str] = []
+
+    # -- the API, for setup and checks (in both modes) --
+
+    def api(self, method: str, path: str, body=None, expect: int = 200):
+        status, data = request_json(self.app.url, method, path, body, self.token)
+        if status != expect:
+            raise AppError(f"{method} {path} answered {status}: {data}")
+        return data
+
+    def new_topic(self) -> str:
+        topic = f"{self.prefix}-{next(self._names)}"
+        self.api("POST", "/topics", {"id": topic}, expect=201)
+        return topic
+
+    def new_subscription(self, topic: str, filter: dict | None = None) -> str:
+        subscription = f"{topic}-s{next(self._names)}"
+        self.api(
+            "POST", "/subscriptions", {"id": subscription, "topic_id": topic, "filter": filter}, expect=201
+        )
+        return subscription
+
+    def metrics(self, subscription: str) -> dict:
+        return self.api("GET", f"/subscriptions/{subscription}/metrics")
+
+    def drop(self, topic: str) -> None:
+        self.api("DELETE", f"/topics/{topic}", expect=204)
+
+    # -- the database, when it can be reached (embedded, or --database-url) --
+
+    def engine(self) -> sa.Engine | None:
+        url = self.app.database_url
+        return sa.create_engine(url, poolclass=sa.NullPool) if url else None
+
+    def settle(self) -> None:
+        """VACUUM ANALYZE, so each window starts with fresh statistics and no earlier scenario's
+        dead rows for autovacuum to chew on while we measure."""
+        engine = self.engine()
+        if engine is None:
+            return
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE subscription_messages, acked_messages")
+        engine.dispose()
+
+    # -- load --
+
+    def target(self) -> dict:
+        if self.mode == "raw":
+            return {"mode": "raw", "database_url": self.app.database_url}
+        return {"mode": "http", "url": self.app.url, "token": self.token}
+
+    def cpu_meters(self) -> dict[str, Callable]:
+        def meter(roots: list[psutil.Process]):
+            return (lambda: tree_cpu_seconds(roots)) if roots else (lambda: None)
+
+        return {"app": meter(self.app.app_roots), "postgres": meter(self.app.pg_roots)}
+
+    def publisher(self, topic: str, batch: int, **extra) -> dict:
+        spec = {"role": "publish", "index": next(self._clients), "topic": topic, "batch": batch}
+        return {**spec, "pad": "x" * self.args.payload_pad, **extra}
+
+    def consumer(self, subscription: str, batch: int, **extra) -> dict:
+        return {
+            "role": "consume",
+            "index": next(self._clients),
+            "subscription": subscription,
+            "batch": batch,
+            **extra,
+        }
+
+    def load(self, specs: list[dict], drain: float = 0.0, duration: float | None = None) -> Outcome:
+        duration = self.args.duration if duration is None else duration
+        if self.args.wait_quiet:
+            waited = wait_until_quiet(self.args.wait_quiet)
+            self.notes.append(f"waited {waited:.0f}s for a quiet machine")
+        return run_load(self.target(), specs, self.args.procs, duration, drain, self.cpu_meters())
+
+    def prefill(self, topic: str, count: int) -> dict[int, int]:
+        """Publish `count` messages in batches of 1000 (over HTTP, or the raw statement in raw
+        mode); returns messages published by client index, to check consumed keys against."""
+        if count <= 0:
+            return {}
+        clients = max(1, self.args.procs * PREFILL_CLIENTS_PER_PROC)
+        shares = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
+        specs = [self.publisher(topic, PREFILL_BATCH, messages=share) for share in shares if share]
+        started = time.monotonic()
+        # Bounded: generous for the sizes used here, yet a hung server cannot stall forever.
+        outcome = run_load(self.target(), specs, self.args.procs, 600.0, 0.0, {})
+        tally = outcome.tally
+        if tally.errors or tally.published != count:
+            raise AppError(f"prefill published {tally.published} of {count}: {tally.error_samples}")
+        self.notes.append(f"prefilled {count} in {time.monotonic() - started:.1f}s")
+        return tally.published_by_client
+
+
+# -- checks --
+
+
+def check(name: str, ok: bool, detail: str = "") -> dict:
+    return {"check": name, "ok": bool(ok), "detail": detail}
+
+
+def equal(name: str, actual, expected) -> dict:
+    return check(
+        name,
+        actual == expected,
+        f"{actual} == {expected}" if actual == expected else f"{actual} != {expected}",
+    )
+
+
+def no_errors(tally: Tally) -> dict:
+    return check("no request failed", tally.errors == 0, "; ".join(tally.error_samples))
+
+
+def keys_check(tally: Tally, published_by_client: dict[int, int]) -> list[dict]:
+    """Every consumed message was published, and none was consumed (acked) twice."""
+    keys = tally.keys
+    unique = len(set(keys))
+    mask = (1 << SEQ_BITS) - 1
+    unknown = sum(1 for key in keys if (key & mask) >= published_by_client.get(key >> SEQ_BITS, 0))
+    return [
+        equal("no message consumed twice (unique keys)", len(keys) - unique, 0),
+        equal("every consumed message was published", unknown, 0),
+    ]
+
+
+# -- scenarios --
+
+
+def publish_scenario(run: Run, batch: int) -> tuple[Outcome, int, list[dict], dict]:
+    topic = run.new_topic()
+    subscription = run.new_subscription(topic)
+    run.settle()
+    outcome = run.load([run.publisher(topic, batch) for _ in range(run.args.concurrency)])
+    t = outcome.tally
+    m = run.metrics(subscription)
+    checks = [
+        no_errors(t),
+        equal("available == published", m["available"], t.published),
+        equal("delivered == 0", m["delivered"], 0),
+    ]
+    run.drop(topic)
+    return outcome, t.published, checks, {}
+
+
+def publish_batch(run: Run):
+    """C publishers, each posting batches of B messages."""
+    return publish_scenario(run, run.args.batch)
+
+
+def publish_single(run: Run):
+    """C publishers, one message per request."""
+    return publish_scenario(run, 1)
+
+
+def consume_scenario(run: Run, available: int, acked_history: int):
+    topic = run.new_topic()
+    subscription = run.new_subscription(topic)
+    if acked_history:
+        add_acked_history(run, subscription, acked_history, run.args.backlog_ack_batch or run.args.batch)
+    published = run.prefill(topic, available)
+    run.settle()
+    specs = [
+        run.consumer(subscription, run.args.batch, until_empty=True) for _ in range(run.args.concurrency)
+    ]
+    outcome = run.load(specs)
+    t = outcome.tally
+    m = run.metrics(subscription)
+    consumed = len(t.keys)
+    checks = [
+        no_errors(t),
+        check("consumed some messages", consumed > 0, str(consumed)),
+        *keys_check(t, published),
+        equal("delivered == 0 (every claimed message acked)", m["delivered"], 0),
+        equal("available == prefilled - consumed", m["available"], available - consumed),
+        equal("acked == history + consumed", m["acked"], acked_history + consumed),
+    ]
+    run.drop(topic)
+    extra = {}
+    if consumed == available:
+        extra["note"] = f"queue drained after {outcome.elapsed:.1f}s"
+    return outcome, t.consumed, checks, extra
+
+
+def consume_ack(run: Run):
+    """A pre-filled subscription; C consumers claim B, ack them, repeat."""
+    return consume_scenario(run, run.args.prefill, 0)
+
+
+def backlog(run: Run):
+    """consume_ack on a subscription that already acked many messages (its acked_messages log)."""
+    if run.app.database_url is None:
+        raise SkipScenario("needs the database (--database-url) to write the acked history")
+    return consume_scenario(run, run.args.backlog_available, run.args.backlog_acked)
+
+
+def add_acked_history(run: Run, subscription: str, acked: int, batch: int) -> None:
+    """What the app leaves in acked_messages after acking `acked` messages in batches of `batch`:
+    one row per ack statement (see pubsub/tables.py), spread over the last half hour."""
+    rows, remainder = divmod(acked, batch)
+    engine = run.engine()
+    with engine.begin() as conn:
+        for count, n in ((batch, rows), (remainder, 1 if remainder else 0)):
+            if not n:
+                continue
+            step = sa.func.generate_series(1, n).column_valued("step")
+            age = sa.func.make_interval(0, 0, 0, 0, 0, 0, step * (HISTORY_SPAN_SECONDS / n))
+            history = sa.select(sa.literal(subscription, sa.Text), sa.func.now() - age, sa.literal(count))
+            conn.execute(
+                acked_messages.insert().from_select(["subscription_id", "acked_at", "count"], history)
+            )
+    engine.dispose()
+    run.notes.append(f"acked history: {acked} messages as {rows + bool(remainder)} rows")
+
+
+def fanout(run: Run):
+    """10 subscriptions of one topic, 3 of them filtered; C publishers post batches of B."""
+    topic = run.new_topic()
+    filters = [None] * (FANOUT_SUBSCRIPTIONS - len(FANOUT_FILTERS)) + list(FANOUT_FILTERS)
+    subscriptions = [(run.new_subscription(topic, f), f) for f in filters]
+    run.settle()
+    outcome = run.load([run.publisher(topic, run.args.batch) for _ in range(run.args.concurrency)])
+    t = outcome.tally
+    checks = [no_errors(t)]
+    copies = 0
+    for subscription, f in subscriptions:
+        expected = t.published if f is None else sum(t.countries[c] for c in f["country"])
+        copies += expected
+        m = run.metrics(subscription)
+        checks.append(
+            equal(f"{subscription} available == expected ({f or 'no filter'})", m["available"], expected)
+        )
+    run.drop(topic)
+    return outcome, t.published, checks, {"copies_per_s": copies / outcome.elapsed}
+
+
+def mixed(run: Run):
+    """Publishers (paced by --rate) and consumers at once; end-to-end latency from publish to
+    claim, from the timestamp in each payload; the queue is drained after the window."""
+    topic = run.new_topic()
+    subscription = run.new_subscription(topic)
+    run.settle()
+    publishers = max(1, run.args.concurrency // 2)
+    consumers = max(1, run.args.concurrency - publishers)
+    rate = run.args.rate / publishers if run.args.rate else None
+    specs = [run.publisher(topic, run.args.mixed_batch, rate=rate) for _ in range(publishers)]
+    specs += [run.consumer(subscription, run.args.batch, drain=True, e2e=True) for _ in range(consumers)]
+    outcome = run.load(specs, drain=run.args.drain_timeout)
+    t = outcome.tally
+    m = run.metrics(subscription)
+    checks = [
+        no_errors(t),
+        equal("consumed == published (window + drain)", len(t.keys), t.published),
+        *keys_check(t, t.published_by_client),
+        equal("available == 0", m["available"], 0),
+        equal("delivered == 0", m["delivered"], 0),
+        equal("acked == published", m["acked"], t.published),
+    ]
+    run.drop(topic)
+    extra = {"published_per_s": t.published / outcome.elapsed, "drained_after_window": t.drained}
+    return outcome, t.consumed, checks, extra
+
+
+def warm_up(run: Run, seconds: float) -> None:
+    """Publish and consume for a moment, unmeasured: gunicorn workers open their connection
+    pools and PostgreSQL loads the catalog, so the first scenario does not pay for it."""
+    topic = run.new_topic()
+    subscription = run.new_subscription(topic)
+    specs = [run.publisher(topic, run.args.batch) for _ in range(run.args.concurrency)]
+    specs += [run.consumer(subscription, run.args.batch, drain=True) for _ in range(run.args.concurrency)]
+    outcome = run.load(specs, drain=run.args.drain_timeout, duration=seconds)
+    if outcome.tally.errors:
+        raise AppError(f"warm-up requests failed: {outcome.tally.error_samples}")
+    run.drop(topic)
+
+
+class SkipScenario(Exception):
+    pass
+
+
+SCENARIOS = {
+    "publish_batch": publish_batch,
+    "publish_single": publish_single,
+    "consume_ack": consume_ack,
+    "fanout": fanout,
+    "mixed": mixed,
+    "backlog": backlog,
+}
