@@ -4,12 +4,12 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
-from flask import Flask, current_app
+from flask import Flask, current_app, g, has_request_context
 
 log = logging.getLogger(__name__)
 _engine_lock = threading.Lock()
@@ -92,9 +92,29 @@ def get_engine(app: Flask | None = None) -> sa.Engine:
 
 @contextmanager
 def begin() -> Iterator[sa.Connection]:
-    """One transaction: committed when the block ends, rolled back if it raises."""
+    """One transaction: committed when the block ends, rolled back if it raises. Checks queued by
+    before_next_transaction() run first, inside it."""
     with get_engine().begin() as conn:
+        if has_request_context():
+            for check in g.pop("pending_checks", ()):
+                check(conn)
         yield conn
+
+
+def before_next_transaction(check: Callable[[sa.Connection], None]) -> Callable:
+    """Run check(conn) at the start of the request's next transaction (e.g. a token revocation
+    check, so that it costs no transaction of its own)."""
+    g.setdefault("pending_checks", []).append(check)
+    return check
+
+
+def run_pending(check: Callable) -> None:
+    """Run the check in a transaction of its own if no transaction has run it yet."""
+    pending = g.get("pending_checks", [])
+    if check in pending:
+        pending.remove(check)
+        with get_engine().begin() as conn:
+            check(conn)
 
 
 def dispose(app: Flask) -> None:

@@ -688,3 +688,29 @@ def test_a_validly_signed_token_with_a_non_string_scope_is_403_not_500(auth_clie
     response = auth_client.get("/topics", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 403
     assert "detail" in response.json
+
+
+def test_a_token_already_seen_still_expires(auth_client, token_for):
+    # Verified tokens are remembered by their text; their expiry must still be checked every time.
+    token = resign(token_for("*"), exp=int(time.time()) + 2)
+    assert auth_client.get("/topics", headers=bearer(token)).status_code == 200
+    time.sleep(2.2)
+    response = auth_client.get("/topics", headers=bearer(token))
+    assert_unauthorized(response)
+    assert response.json["detail"] == "token has expired"
+
+
+def test_a_revoked_token_is_401_even_when_the_request_is_otherwise_invalid(auth_app, auth_client, client):
+    client_id, secret = new_client(auth_app, "*")
+    token = token_request(auth_client, client_id, secret).json["access_token"]
+    assert auth_client.get("/topics", headers=bearer(token)).status_code == 200
+    client.delete(f"/clients/{client_id}")
+    # The body fails validation before any transaction opens: revocation is still checked first.
+    assert_unauthorized(auth_client.post("/topics", json={"id": "bad id"}, headers=bearer(token)))
+    assert_unauthorized(auth_client.post("/topics/orders/messages", json="x", headers=bearer(token)))
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(auth_client, token_for, scheme):
+    response = auth_client.get("/topics", headers={"Authorization": f"{scheme} {token_for('*')}"})
+    assert response.status_code == 200
