@@ -9,7 +9,6 @@ functions or the auth-off app (`client`, `api`), which shares the database with 
 import base64
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -31,11 +30,11 @@ from tests.auth_support import (
     new_client,
     token_request,
 )
+from tests.test_serve import serve_env, serve_refused
 
 # The shared fixtures.
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-FLASK = str(Path(sys.executable).parent / "flask")
 UUID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -480,31 +479,13 @@ def test_auth_settings_come_from_the_environment(make_app, monkeypatch):
     assert_unauthorized(app.test_client().get("/topics"))
 
 
-def serve_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUBSUB_", "FLASK_", "PROMETHEUS_"))}
-    env.update({f"PUBSUB_{name}": value for name, value in settings.items()})
-    return env
-
-
 @pytest.mark.parametrize("key", [None, "short-key-that-must-not-leak"], ids=["no key", "short key"])
 def test_serve_with_auth_on_and_no_usable_key_exits_with_one_line(database_url, tmp_path, key):
     settings = {"AUTH_ENABLED": "true", "DATABASE_URL": database_url, "INSTANCE_PATH": str(tmp_path)}
     if key:
         settings["AUTH_SECRET_KEY"] = key
-    result = subprocess.run(
-        [FLASK, "pubsub", "serve"],
-        cwd=PROJECT_ROOT,
-        env=serve_env(**settings),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        start_new_session=True,
-    )
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "PUBSUB_AUTH_SECRET_KEY" in lines[0]
-    assert "Traceback" not in result.stderr
+    result = serve_refused(**settings)
+    assert "PUBSUB_AUTH_SECRET_KEY" in result.stderr
     if key:
         assert key not in result.stderr + result.stdout
 

@@ -49,6 +49,23 @@ def serve_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def serve_refused(**settings: str) -> subprocess.CompletedProcess:
+    """Run `flask pubsub serve` with these settings, expecting a refusal in one line on stderr."""
+    result = subprocess.run(
+        [FLASK, "pubsub", "serve"],
+        cwd=PROJECT_ROOT,
+        env=serve_env(**settings),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
 def output_of(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else ""
 
@@ -355,18 +372,5 @@ def test_embedded_database_is_shared_kept_and_stopped_with_serve(tmp_path, monke
     ],
 )
 def test_serve_refuses_a_bad_setting_in_one_line(database_url, tmp_path, name, value):
-    env = serve_env(DATABASE_URL=database_url, INSTANCE_PATH=str(tmp_path), **{name: value})
-    result = subprocess.run(
-        [FLASK, "pubsub", "serve"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        start_new_session=True,
-    )
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert f"PUBSUB_{name}" in lines[0]
-    assert "Traceback" not in result.stderr
+    result = serve_refused(DATABASE_URL=database_url, INSTANCE_PATH=str(tmp_path), **{name: value})
+    assert f"PUBSUB_{name}" in result.stderr
