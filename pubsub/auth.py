@@ -152,14 +152,10 @@ def init_app(app: Flask, api) -> None:
     )
     jwt = JWTManager(app)
     app.extensions["pubsub_verified_tokens"] = {}
-    # Every token problem is a 401 {"detail": ...} with WWW-Authenticate (flask-jwt-extended
-    # would answer some with 422).
-    jwt.unauthorized_loader(lambda reason: unauthorized("missing bearer token"))
+    # decode_token (in bearer_claims) fails only as invalid or expired: both are a 401
+    # {"detail": ...} with WWW-Authenticate (flask-jwt-extended would answer the first with 422).
+    # Missing and revoked tokens are raised by bearer_claims and check_token_current themselves.
     jwt.invalid_token_loader(lambda reason: unauthorized("invalid token"))
     jwt.expired_token_loader(lambda header, payload: unauthorized("token has expired"))
-    jwt.revoked_token_loader(lambda header, payload: unauthorized("token has been revoked"))
-    jwt.needs_fresh_token_loader(lambda header, payload: unauthorized("invalid token"))
-    jwt.token_verification_failed_loader(lambda header, payload: unauthorized("invalid token"))
-    jwt.user_lookup_error_loader(lambda header, payload: unauthorized("invalid token"))
     for name, scheme in SECURITY_SCHEMES.items():
         api.spec.components.security_scheme(name, scheme)
