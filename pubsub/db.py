@@ -2,12 +2,14 @@
 
 import logging
 import os
+import select
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from flask import Flask, current_app, g, has_request_context
 
@@ -68,15 +70,32 @@ def database_url(app: Flask) -> str:
 
 def create_engine(app: Flask) -> sa.Engine:
     config = app.config
-    return sa.create_engine(
+    engine = sa.create_engine(
         database_url(app),
         echo=config["DATABASE_ECHO"],
         pool_size=config["DATABASE_POOL_SIZE"],
         max_overflow=config["DATABASE_MAX_OVERFLOW"],
-        pool_pre_ping=config["DATABASE_POOL_PRE_PING"],
         # One clock and one zone for every timestamp we hand out; fail fast when the server is gone.
         connect_args={"options": "-c TimeZone=UTC", "connect_timeout": 5},
     )
+    if config["DATABASE_POOL_PRE_PING"]:
+        sa.event.listen(engine, "checkout", check_alive)
+    return engine
+
+
+def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:
+    """Pre-ping without a round trip: an idle connection has nothing to read, so a socket that
+    is readable (end of file, or the FATAL message a server sends when it shuts down) or a
+    connection psycopg already knows to be broken is replaced before use, instead of failing
+    the request. SQLAlchemy's pool_pre_ping would cost a `SELECT 1` round trip per checkout."""
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise sa.exc.DisconnectionError("connection closed")
+    try:
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    except (OSError, ValueError) as error:
+        raise sa.exc.DisconnectionError(str(error)) from error
+    if readable:
+        raise sa.exc.DisconnectionError("the server closed the connection or is shutting down")
 
 
 def get_engine(app: Flask | None = None) -> sa.Engine:
@@ -95,10 +114,34 @@ def begin() -> Iterator[sa.Connection]:
     """One transaction: committed when the block ends, rolled back if it raises. Checks queued by
     before_next_transaction() run first, inside it."""
     with get_engine().begin() as conn:
-        if has_request_context():
-            for check in g.pop("pending_checks", ()):
-                check(conn)
+        run_checks(conn)
         yield conn
+
+
+@contextmanager
+def connect() -> Iterator[sa.Connection]:
+    """A connection in autocommit mode: each statement commits on its own, in one round trip
+    instead of three (BEGIN, the statement, COMMIT). For work that is one statement, or several
+    that need not be atomic, such as a read after a write that changed nothing."""
+    with get_engine().connect() as conn:
+        # psycopg switches autocommit on the client side, without a round trip; SQLAlchemy's
+        # isolation_level="AUTOCOMMIT" does the same through a costlier characteristics layer.
+        driver = conn.connection.driver_connection
+        driver.autocommit = True
+        try:
+            run_checks(conn)
+            yield conn
+        finally:
+            try:
+                driver.autocommit = False
+            except psycopg.Error:  # broken: it must not go back to the pool in autocommit
+                conn.invalidate()
+
+
+def run_checks(conn: sa.Connection) -> None:
+    if has_request_context():
+        for check in g.pop("pending_checks", ()):
+            check(conn)
 
 
 def before_next_transaction(check: Callable[[sa.Connection], None]) -> Callable:

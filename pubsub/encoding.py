@@ -24,14 +24,16 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(obj), status=status, mimetype="application/json")
 
 
-def message_json(row: Any, subscription_id: str) -> dict:
-    """A message for the API; its payload is JSON text from PostgreSQL, embedded unparsed."""
+def message_json(row: tuple, subscription_id: str) -> dict:
+    """A message for the API from an (id, payload, delivery_attempts, created_at) row; its payload
+    is JSON text from PostgreSQL, embedded unparsed."""
+    id, payload, delivery_attempts, created_at = row
     return {
-        "id": row.id,
+        "id": id,
         "subscription_id": subscription_id,
-        "payload": orjson.Fragment(row.payload),
-        "delivery_attempts": row.delivery_attempts,
-        "created_at": row.created_at,
+        "payload": orjson.Fragment(payload),
+        "delivery_attempts": delivery_attempts,
+        "created_at": created_at,
     }
 
 

@@ -3,6 +3,7 @@
 
 import logging
 
+import psycopg
 import sqlalchemy.exc
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
@@ -77,10 +78,12 @@ def handle_http_exception(error: HTTPException):
     return error_response(error.code or 500, error.description or error.name, None, headers)
 
 
-def handle_data_error(error: sqlalchemy.exc.DataError):
+def handle_data_error(error: sqlalchemy.exc.DataError | psycopg.DataError):
     # Class 22 errors come from what the client sent (e.g. \u0000 in a JSON string, which
-    # PostgreSQL's jsonb cannot store); say so instead of failing with a 500.
-    message = str(getattr(error.orig, "diag", None) and error.orig.diag.message_primary or error.orig)
+    # PostgreSQL's jsonb cannot store); say so instead of failing with a 500. The hot statements
+    # run on psycopg directly (messages.run), so its errors arrive unwrapped.
+    orig = getattr(error, "orig", error)
+    message = str(getattr(orig, "diag", None) and orig.diag.message_primary or orig)
     return error_response(422, f"invalid data: {message}")
 
 
@@ -103,4 +106,7 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(sqlalchemy.exc.OperationalError, handle_database_unavailable)
     app.register_error_handler(sqlalchemy.exc.InterfaceError, handle_database_unavailable)
     app.register_error_handler(sqlalchemy.exc.TimeoutError, handle_database_unavailable)
+    app.register_error_handler(psycopg.DataError, handle_data_error)
+    app.register_error_handler(psycopg.OperationalError, handle_database_unavailable)
+    app.register_error_handler(psycopg.InterfaceError, handle_database_unavailable)
     app.register_error_handler(Exception, handle_unexpected)

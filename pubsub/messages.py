@@ -9,10 +9,11 @@ consumer receives, so Python never decodes or re-encodes them.
 import uuid
 from collections.abc import Sequence
 
+import psycopg
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from pubsub.errors import NotFound
-from pubsub.subscriptions import ensure_subscription
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # The whole batch, fanned out to every subscription whose filter matches, in one INSERT ...
@@ -56,7 +57,7 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED
     ) AS next
     WHERE sm.id = next.id
-    RETURNING sm.id, sm.payload::text AS payload, sm.delivery_attempts, sm.created_at,
+    RETURNING sm.id::text AS id, sm.payload::text AS payload, sm.delivery_attempts, sm.created_at,
               sm.available_at, sm.seq
 )
 SELECT id, payload, delivery_attempts, created_at FROM claimed ORDER BY available_at, seq
@@ -66,7 +67,7 @@ SELECT id, payload, delivery_attempts, created_at FROM claimed ORDER BY availabl
 ACK = sa.text(f"""
 WITH acked AS (
     DELETE FROM subscription_messages
-    WHERE subscription_id = :subscription_id AND id = ANY(:ids) AND state = {DELIVERED}
+    WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DELIVERED}
     RETURNING 1
 )
 INSERT INTO acked_messages (subscription_id, count)
@@ -89,17 +90,17 @@ SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ}
     locked_at = NULL
 FROM subscriptions AS s
 WHERE s.id = sm.subscription_id
-  AND sm.subscription_id = :subscription_id AND sm.id = ANY(:ids) AND sm.state = {DELIVERED}
+  AND sm.subscription_id = :subscription_id AND sm.id = ANY(CAST(:ids AS uuid[])) AND sm.state = {DELIVERED}
 """)
 
 REPROCESS = sa.text(f"""
 UPDATE subscription_messages
 SET state = {AVAILABLE}, delivery_attempts = 0, available_at = now(), locked_by = NULL, locked_at = NULL
-WHERE subscription_id = :subscription_id AND id = ANY(:ids) AND state = {DLQ}
+WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DLQ}
 """)
 
 LIST_DLQ = sa.text(f"""
-SELECT id, payload::text AS payload, delivery_attempts, created_at
+SELECT id::text AS id, payload::text AS payload, delivery_attempts, created_at
 FROM subscription_messages
 WHERE subscription_id = :subscription_id AND state = {DLQ}
 ORDER BY available_at, seq
@@ -134,50 +135,92 @@ SELECT coalesce(sum(count), 0) FROM deleted
 """)
 
 
+# The hot statements run on the psycopg connection beneath the SQLAlchemy one, in psycopg's own
+# parameter style: SQLAlchemy's execution and result layers cost more CPU per request than
+# psycopg and PostgreSQL together (bench/README.md, "Where the time goes"). Transactions and the
+# pool stay SQLAlchemy's, and psycopg prepares each statement server-side after five runs.
+_DIALECT = PGDialect_psycopg()
+
+
+def driver_sql(statement: sa.TextClause) -> str:
+    """A text() statement as psycopg takes it: %(name)s placeholders."""
+    return str(statement.compile(dialect=_DIALECT))
+
+
+# Run only when a statement matched nothing, to tell an empty queue from a missing subscription.
+SUBSCRIPTION_EXISTS = sa.text("SELECT 1 FROM subscriptions WHERE id = :subscription_id")
+
+_DRIVER_SQL = {
+    statement: driver_sql(statement)
+    for statement in (PUBLISH, CLAIM, ACK, NACK, REPROCESS, LIST_DLQ, SUBSCRIPTION_EXISTS)
+}
+
+
+def run(conn: sa.Connection, statement: sa.TextClause, params: dict) -> psycopg.Cursor:
+    """Execute a hot statement on the driver connection; rows come back as plain tuples."""
+    return conn.connection.driver_connection.execute(_DRIVER_SQL[statement], params)
+
+
+def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
+    """Message ids as one uuid[] literal: a single text parameter that PostgreSQL parses in C,
+    where psycopg would adapt a list item by item in Python. Ids are UUIDs or canonical UUID
+    text (blueprints.message_id), so nothing in them needs quoting."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
+def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
+    """Raise NotFound unless the subscription exists."""
+    if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
+        raise NotFound(f"subscription {subscription_id!r} not found")
+
+
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
-    row = conn.execute(PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).one()
-    if row.topics == 0:
+    topics, copies = run(conn, PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).fetchone()
+    if topics == 0:
         raise NotFound(f"topic {topic_id!r} not found")
-    return row.copies
+    return copies
 
 
 def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_size: int) -> list:
-    """Lock up to batch_size available messages for consumer_id; payloads come back as JSON text."""
+    """Lock up to batch_size available messages for consumer_id: (id, payload as JSON text,
+    delivery_attempts, created_at) tuples."""
     params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
-    rows = conn.execute(CLAIM, params).all()
+    rows = run(conn, CLAIM, params).fetchall()
     if not rows:
         ensure_subscription(conn, subscription_id)
     return rows
 
 
-def ack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+def ack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
     """Acknowledge delivered messages; ids that are not delivered to this subscription are ignored."""
-    count = conn.execute(ACK, {"subscription_id": subscription_id, "ids": list(ids)}).scalar()
-    if not count:
+    row = run(conn, ACK, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).fetchone()
+    if row is None:
         ensure_subscription(conn, subscription_id)
-    return count or 0
+        return 0
+    return row[0]
 
 
-def nack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+def nack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
     """Return delivered messages for a retry after backoff, or to the DLQ when attempts are used up."""
-    count = conn.execute(NACK, {"subscription_id": subscription_id, "ids": list(ids)}).rowcount
+    count = run(conn, NACK, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).rowcount
     if not count:
         ensure_subscription(conn, subscription_id)
     return count
 
 
-def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID]) -> int:
+def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
     """Move dead letters back to the queue, available now, with their attempts reset."""
-    count = conn.execute(REPROCESS, {"subscription_id": subscription_id, "ids": list(ids)}).rowcount
+    count = run(conn, REPROCESS, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).rowcount
     if not count:
         ensure_subscription(conn, subscription_id)
     return count
 
 
 def list_dlq(conn: sa.Connection, subscription_id: str, offset: int, limit: int) -> list:
+    """Dead letters, as consume() returns messages."""
     params = {"subscription_id": subscription_id, "offset": offset, "limit": limit}
-    rows = conn.execute(LIST_DLQ, params).all()
+    rows = run(conn, LIST_DLQ, params).fetchall()
     if not rows:
         ensure_subscription(conn, subscription_id)
     return rows

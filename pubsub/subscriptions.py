@@ -78,15 +78,6 @@ def get_subscription(conn: sa.Connection, subscription_id: str) -> dict:
     return dict(row)
 
 
-def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
-    """Raise NotFound unless the subscription exists (called only when a statement matched nothing)."""
-    if (
-        conn.execute(sa.select(subscriptions.c.id).where(subscriptions.c.id == subscription_id)).first()
-        is None
-    ):
-        raise NotFound(f"subscription {subscription_id!r} not found")
-
-
 def list_subscriptions(conn: sa.Connection, offset: int, limit: int) -> list[dict]:
     stmt = sa.select(*SUBSCRIPTION_COLUMNS).order_by(subscriptions.c.id).offset(offset).limit(limit)
     return [dict(row) for row in conn.execute(stmt).mappings()]

@@ -96,7 +96,7 @@ class SubscriptionMessages(MethodView):
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
         """Consume: lock up to batch_size available messages for this consumer."""
-        with db.begin() as conn:
+        with db.connect() as conn:
             rows = messages.consume(conn, id, query["consumer_id"], query["batch_size"])
         # Hot path: built directly, the payloads passed through as PostgreSQL rendered them.
         return json_response({"data": [message_json(row, id) for row in rows]})
@@ -111,7 +111,7 @@ class Acks(MethodView):
     def post(self, id):
         """Acknowledge delivered messages; ids not delivered to this subscription are ignored."""
         ids = load_message_ids()
-        with db.begin() as conn:
+        with db.connect() as conn:
             messages.ack(conn, id, ids)
 
 
@@ -124,7 +124,7 @@ class Nacks(MethodView):
     def post(self, id):
         """Negatively acknowledge: retry after backoff, or dead-letter when attempts are used up."""
         ids = load_message_ids()
-        with db.begin() as conn:
+        with db.connect() as conn:
             messages.nack(conn, id, ids)
 
 
@@ -136,7 +136,7 @@ class DeadLetters(MethodView):
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, page, id):
         """List dead letters, oldest first, in a stable order."""
-        with db.begin() as conn:
+        with db.connect() as conn:
             rows = messages.list_dlq(conn, id, page["offset"], page["limit"])
         return json_response({"data": [message_json(row, id) for row in rows]})
 
@@ -150,7 +150,7 @@ class Reprocess(MethodView):
     def post(self, id):
         """Move dead letters back to the queue with their attempts reset."""
         ids = load_message_ids()
-        with db.begin() as conn:
+        with db.connect() as conn:
             messages.reprocess(conn, id, ids)
 
 
@@ -161,5 +161,5 @@ class Metrics(MethodView):
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, id):
         """Count the subscription's messages by state."""
-        with db.begin() as conn:
+        with db.connect() as conn:
             return subscriptions.get_metrics(conn, id)

@@ -74,5 +74,5 @@ class TopicMessages(MethodView):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
-        with db.begin() as conn:
+        with db.connect() as conn:
             messages.publish(conn, id, raw.decode())
