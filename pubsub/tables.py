@@ -99,7 +99,13 @@ acked_messages = sa.Table(
     sa.Column("subscription_id", sa.Text, nullable=False),
     sa.Column("acked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("count", sa.Integer, nullable=False),
-    sa.Index("ix_acked_messages_subscription_id_acked_at", "subscription_id", "acked_at"),
+    # count is included so that the acked metric is an index-only scan, whatever the plan.
+    sa.Index(
+        "ix_acked_messages_subscription_id_acked_at",
+        "subscription_id",
+        "acked_at",
+        postgresql_include=["count"],
+    ),
 )
 
 clients = sa.Table(

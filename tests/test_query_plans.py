@@ -1,0 +1,261 @@
+"""Query plans of the hot path at 100k+ rows: claim, ack, nack and metrics never read the messages
+table or the ack log sequentially, neither in a custom plan nor in the generic plan PostgreSQL may
+switch to once psycopg prepares a statement server-side (from its 5th execution on a connection).
+A generic plan is made without the parameter values, so it cannot use the subscription's
+statistics and assumes a LIMIT keeps 10% of the rows.
+
+The large state is built once for the module with INSERT ... SELECT generate_series (through the
+API it would take minutes and stamp every message with the same time), so the module replaces the
+per-test truncation with its own. Statements are prepared with the parameter types psycopg sends
+and explained with EXPLAIN (no ANALYZE) in a transaction that is rolled back.
+"""
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from psycopg import sql
+from psycopg.adapt import AdaptersMap, PyFormat
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.engine import make_url
+
+from pubsub import db, messages, subscriptions, topics
+from pubsub.tables import AVAILABLE, DELIVERED, DLQ
+
+HOT = "orders-hot"  # its consumers fell behind: most of the table is its backlog
+COLD = "orders-billing"  # keeps up: a few percent of each table
+QUIET = "audit-alerts"  # almost nothing queued, never acked
+OTHERS = ("orders-shipping", "orders-analytics", "audit-archive")
+
+# Blocks of messages; retrying: nacked, due again after a backoff (available_at in the future).
+FIELDS = ("subscription_id", "state", "delivery_attempts", "retrying", "count")
+MESSAGES = [
+    (HOT, AVAILABLE, 0, False, 90_000),
+    (HOT, AVAILABLE, 1, True, 5_000),
+    (HOT, DELIVERED, 1, False, 2_000),
+    (HOT, DLQ, 5, False, 1_000),
+    *[
+        block
+        for subscription_id in (COLD, *OTHERS)
+        for block in (
+            (subscription_id, AVAILABLE, 0, False, 8_000),
+            (subscription_id, DELIVERED, 1, False, 500),
+            (subscription_id, DLQ, 5, False, 500),
+        )
+    ],
+    (QUIET, AVAILABLE, 0, False, 10),
+]
+# One row per ack call in the last hour (the default retention of cleanup-acked). Four subscriptions
+# ack: a generic plan guesses that one holds a quarter of the log, and only the index that carries
+# `count` (migration 0003) then keeps the metrics query off a full read of it; with two or three,
+# reading it all is the cheapest plan anyway, index or not, as it is for a custom plan.
+ACK_CALLS = {HOT: 120_000, COLD: 20_000, **dict.fromkeys(OTHERS[:2], 20_000)}
+
+FILL_MESSAGES = sa.text(f"""
+INSERT INTO subscription_messages
+    (id, subscription_id, payload, state, delivery_attempts, available_at, locked_by, locked_at, created_at)
+SELECT gen_random_uuid(), subscription_id, jsonb_build_object('order', n, 'kind', 'order.created'),
+       state, delivery_attempts,
+       CASE WHEN retrying THEN now() + random() * interval '5 minutes'
+            WHEN state = {DLQ} THEN created_at + interval '10 minutes'
+            ELSE created_at END,
+       CASE WHEN state = {DELIVERED} THEN 'worker-' || n % 8 END,
+       CASE WHEN state = {DELIVERED} THEN now() - random() * interval '30 seconds' END,
+       created_at
+FROM (
+    SELECT b.*, n, now() - random() * interval '1 hour' AS created_at
+    FROM jsonb_to_recordset(CAST(:blocks AS jsonb))
+        AS b (subscription_id text, state smallint, delivery_attempts int, retrying bool, count int)
+    CROSS JOIN LATERAL generate_series(1, b.count) AS n
+) AS m
+ORDER BY m.created_at  -- seq follows publish time and the subscriptions interleave, as in real use
+""")
+
+FILL_ACKS = sa.text("""
+INSERT INTO acked_messages (subscription_id, acked_at, count)
+SELECT c.key, now() - random() * interval '1 hour' AS acked_at, 1 + n % 10
+FROM jsonb_each_text(CAST(:calls AS jsonb)) AS c
+CROSS JOIN LATERAL generate_series(1, c.value::int) AS n
+ORDER BY acked_at
+""")
+
+LARGE_TABLES = ("subscription_messages", "acked_messages")
+NUMBERED = psycopg_dialect.dialect(paramstyle="numeric_dollar")  # $1, $2...: what PREPARE takes
+
+
+@dataclass
+class Backlog:
+    url: str  # libpq form, for plain psycopg connections
+    engine: sa.Engine
+    delivered_ids: dict[str, list[uuid.UUID]]  # a consumer's batch of each subscription
+
+
+def libpq_url(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def clean_tables() -> None:
+    """Replaces conftest's per-test truncation: every test here reads the one backlog below."""
+
+
+@pytest.fixture(scope="module")
+def backlog(app, database_url: str) -> Backlog:
+    engine = db.get_engine(app)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {', '.join(LARGE_TABLES)}, subscriptions, topics"))
+        for topic_id in ("orders", "audit"):
+            topics.create_topic(conn, topic_id)
+        for subscription_id in (HOT, COLD, QUIET, *OTHERS):
+            topic_id = subscription_id.split("-")[0]
+            subscriptions.create_subscription(conn, subscription_id, topic_id, None, 5, 5, 300)
+        conn.execute(sa.text("SELECT setseed(0.5)"))  # the same timestamps, hence statistics, every run
+        blocks = [dict(zip(FIELDS, block, strict=True)) for block in MESSAGES]
+        conn.execute(FILL_MESSAGES, {"blocks": json.dumps(blocks)})
+        conn.execute(FILL_ACKS, {"calls": json.dumps(ACK_CALLS)})
+        rows = conn.execute(
+            sa.text("""
+                SELECT subscription_id, (array_agg(id))[1:10] FROM subscription_messages
+                WHERE state = :delivered GROUP BY subscription_id
+            """),
+            {"delivered": DELIVERED},
+        )
+        delivered_ids = {subscription_id: ids for subscription_id, ids in rows}
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("ANALYZE subscriptions, subscription_messages")
+        # Insert-only, so autovacuum keeps its visibility map current and index-only scans work.
+        # The claim table churns too fast for that, so it is not vacuumed here.
+        conn.execute("VACUUM ANALYZE acked_messages")
+    return Backlog(libpq_url(database_url), engine, delivered_ids)
+
+
+@pytest.fixture
+def conn(backlog: Backlog) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(backlog.url) as conn:
+        yield conn
+        conn.rollback()  # EXPLAIN without ANALYZE runs nothing; roll back the DML all the same
+
+
+def claim_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    return messages.CLAIM, {"subscription_id": subscription_id, "consumer_id": "worker-1", "batch_size": 10}
+
+
+def ack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    return messages.ACK, {
+        "subscription_id": subscription_id,
+        "ids": messages.uuid_array(backlog.delivered_ids[subscription_id]),
+    }
+
+
+def nack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    return messages.NACK, {
+        "subscription_id": subscription_id,
+        "ids": messages.uuid_array(backlog.delivered_ids[subscription_id]),
+    }
+
+
+def metrics_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    """get_metrics builds its statement inside: run it, and catch the statement and its values."""
+    executed = []
+
+    def catch(conn, cursor, statement, parameters, context, executemany) -> None:
+        executed.append((context.compiled.statement, parameters))
+
+    with backlog.engine.connect() as connection:
+        sa.event.listen(connection, "before_cursor_execute", catch)
+        subscriptions.get_metrics(connection, subscription_id)
+    assert len(executed) == 1, f"get_metrics ran {len(executed)} statements through SQLAlchemy, not 1"
+    [(statement, parameters)] = executed
+    return statement, parameters
+
+
+HOT_PATH: dict[str, Callable[[Backlog, str], tuple[sa.Executable, dict]]] = {
+    "claim": claim_statement,
+    "ack": ack_statement,
+    "nack": nack_statement,
+    "metrics": metrics_statement,
+}
+
+
+def driver_type(adapters: AdaptersMap, value) -> str:
+    """The type psycopg sends a parameter as; a str goes as unknown, for the server to infer."""
+    oid = adapters.get_dumper(type(value), PyFormat.AUTO)(type(value)).upgrade(value, PyFormat.AUTO).oid
+    if not oid:
+        return "unknown"
+    info = adapters.types[oid]
+    return info.regtype + ("[]" if oid == info.array_oid else "")
+
+
+def explain_prepared(
+    conn: psycopg.Connection, statement: sa.Executable, params: dict, plan_cache_mode: str
+) -> tuple[dict, str]:
+    """The plan of the statement prepared as psycopg prepares it: (JSON tree, text)."""
+    compiled = statement.compile(dialect=NUMBERED)
+    values = [params[name] for name in compiled.positiontup]
+    types = ", ".join(driver_type(conn.adapters, value) for value in values)
+    conn.execute("SELECT set_config('plan_cache_mode', %s, true)", [plan_cache_mode])
+    conn.execute(f"PREPARE hot_path ({types}) AS {compiled.string}")
+    execute = sql.SQL("EXECUTE hot_path ({})").format(sql.SQL(", ").join(map(sql.Literal, values)))
+    [[tree]] = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + execute).fetchone()
+    text = "\n".join(line for (line,) in conn.execute(sql.SQL("EXPLAIN ") + execute))
+    return tree["Plan"], text
+
+
+def sequential_scans(node: dict) -> list[str]:
+    """The large tables that a plan node or any node below it reads with a (parallel) Seq Scan."""
+    found = []
+    if node["Node Type"] == "Seq Scan" and node.get("Relation Name") in LARGE_TABLES:
+        found.append(node["Relation Name"])
+    for child in node.get("Plans", ()):
+        found.extend(sequential_scans(child))
+    return found
+
+
+def check_plan(
+    conn: psycopg.Connection, backlog: Backlog, name: str, subscription_id: str, plan_cache_mode: str
+) -> None:
+    statement, params = HOT_PATH[name](backlog, subscription_id)
+    plan, text = explain_prepared(conn, statement, params, plan_cache_mode)
+    scanned = sequential_scans(plan)
+    assert not scanned, (
+        f"{name} for {subscription_id!r} ({plan_cache_mode}) reads {', '.join(sorted(set(scanned)))} "
+        f"with a sequential scan:\n{text}"
+    )
+
+
+# HOT is left out of the custom metrics: it holds most of both tables, and counting most of a
+# table is cheapest as a sequential scan (an index-only scan is costed higher): not a regression.
+CUSTOM_CASES = [
+    ("claim", HOT),
+    ("claim", COLD),
+    ("claim", QUIET),
+    ("ack", HOT),
+    ("ack", COLD),
+    ("nack", HOT),
+    ("nack", COLD),
+    ("metrics", COLD),
+    ("metrics", QUIET),
+]
+
+
+@pytest.mark.parametrize(("name", "subscription_id"), CUSTOM_CASES, ids=[f"{n}-{s}" for n, s in CUSTOM_CASES])
+def test_custom_plans_of_the_hot_path_use_indexes_at_100k_rows(conn, backlog, name, subscription_id):
+    check_plan(conn, backlog, name, subscription_id, "force_custom_plan")
+
+
+@pytest.mark.parametrize("name", HOT_PATH)
+def test_generic_plans_of_the_hot_path_use_indexes_at_100k_rows(conn, backlog, name):
+    # A generic plan does not depend on the values, so one subscription stands for all.
+    check_plan(conn, backlog, name, HOT, "force_generic_plan")
+
+
+def test_plan_check_catches_a_claim_without_its_index(conn, backlog):
+    # The check of the check: the same claim, with its index dropped, fails it.
+    conn.execute("SET LOCAL lock_timeout = '5s'")
+    conn.execute("DROP INDEX ix_subscription_messages_claim")  # rolled back by the conn fixture
+    with pytest.raises(AssertionError, match="reads subscription_messages with a sequential scan"):
+        check_plan(conn, backlog, "claim", HOT, "force_custom_plan")
