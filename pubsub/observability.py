@@ -12,11 +12,13 @@ import sys
 import time
 
 import orjson
-from flask import Flask, g, has_request_context, request
+from flask import Flask, has_request_context, request
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the same header, as WSGI names it
+REQUEST_ID_KEY = "pubsub.request_id"  # where the middleware leaves the id for the logs
 # `<id>` or `<converter(args):id>` in a Werkzeug rule; the label keeps only the name.
 ROUTE_PARAMETER = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
 
@@ -33,7 +35,7 @@ HTTP_IN_PROGRESS = Gauge(
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        record.request_id = request.environ.get(REQUEST_ID_KEY, "-") if has_request_context() else "-"
         return True
 
 
@@ -109,33 +111,43 @@ def in_progress(method: str) -> Gauge:
     return gauge
 
 
-def start_request() -> None:
-    g.request_id = request.headers.get(REQUEST_ID_HEADER) or os.urandom(16).hex()
-    g.started = time.perf_counter()
-    in_progress(request.method).inc()
+class RequestObserver:
+    """WSGI middleware: the request id, the in-progress gauge, and each request's count and
+    duration by route template. One wrapper around the app instead of three Flask hooks, each of
+    which would cost an ensure_sync() and several context-local lookups per request."""
 
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
 
-def finish_request(response):
-    response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-    started = g.get("started")
-    if started is not None:
-        req = request._get_current_object()
-        requests, duration = request_metrics(req.method, req.url_rule, response.status_code)
-        requests.inc()
-        duration.observe(time.perf_counter() - started)
-    return response
+    def __call__(self, environ, start_response):
+        started = time.perf_counter()
+        request_id = environ.get(REQUEST_ID_ENVIRON) or os.urandom(16).hex()
+        environ[REQUEST_ID_KEY] = request_id
+        method = environ.get("REQUEST_METHOD", "")
+        seen = []  # (status, route) once the app responds
 
+        def start(status, headers, exc_info=None):
+            headers.append((REQUEST_ID_HEADER, request_id))
+            # Still inside Flask's request context, whose request knows the route it matched
+            # (Flask unlinks it from the environ when the context ends).
+            seen.append((status, getattr(environ.get("werkzeug.request"), "url_rule", None)))
+            return start_response(status, headers, exc_info)
 
-def end_request(exc: BaseException | None) -> None:
-    if g.pop("started", None) is not None:
-        in_progress(request.method).dec()
+        gauge = in_progress(method)
+        gauge.inc()
+        try:
+            return self.wsgi_app(environ, start)
+        finally:
+            gauge.dec()
+            status, rule = seen[-1] if seen else ("500", None)
+            requests, duration = request_metrics(method, rule, int(status[:3]))
+            requests.inc()
+            duration.observe(time.perf_counter() - started)
 
 
 def init_app(app: Flask) -> None:
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
-    app.before_request(start_request)
-    app.after_request(finish_request)
-    app.teardown_request(end_request)
+    app.wsgi_app = RequestObserver(app.wsgi_app)
     # The exporter only serves /metrics here (the request metrics above follow the API's names):
     # the default registry, or with PROMETHEUS_MULTIPROC_DIR set the sum of every worker's files.
     PrometheusMetrics(app, path="/metrics", export_defaults=False)
