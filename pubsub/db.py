@@ -90,8 +90,11 @@ def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:
     the request. SQLAlchemy's pool_pre_ping would cost a `SELECT 1` round trip per checkout."""
     if dbapi_connection.closed or dbapi_connection.broken:
         raise sa.exc.DisconnectionError("connection closed")
+    # poll(), not select(): select() refuses descriptors above 1023, which a busy worker reaches.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+        poller.register(dbapi_connection.fileno(), select.POLLIN)
+        readable = poller.poll(0)
     except (OSError, ValueError) as error:
         raise sa.exc.DisconnectionError(str(error)) from error
     if readable:

@@ -124,6 +124,29 @@ def test_id_lists_are_validated(orders, api, action, body):
     assert response.json["detail"] == "Validation error"
 
 
+@pytest.mark.parametrize(
+    "spell",
+    [str.upper, lambda id: id.replace("-", ""), lambda id: "{" + id + "}", lambda id: "urn:uuid:" + id],
+    ids=["upper", "no-hyphens", "braces", "urn"],
+)
+def test_ack_accepts_every_uuid_spelling(orders, api, spell):
+    api.create_subscription("sub", "orders")
+    api.publish("orders", [{"n": 1}, {"n": 2}])
+    ids = [m["id"] for m in api.consume("sub")]
+    api.ack("sub", [spell(id) for id in ids])
+    assert api.metrics()["acked"] == 2
+
+
+def test_a_batch_with_one_bad_id_names_it_and_changes_nothing(orders, api):
+    api.create_subscription("sub", "orders")
+    api.publish("orders", [{"n": 1}])
+    [message] = api.consume("sub")
+    response = api.client.post("/subscriptions/sub/acks", json=[message["id"], "nope", message["id"][:-1]])
+    assert response.status_code == 422
+    assert set(response.json["errors"]) == {"json.1", "json.2"}
+    assert api.metrics()["delivered"] == 1
+
+
 @pytest.mark.parametrize("action", ["acks", "nacks", "dlq/reprocess"])
 def test_id_lists_accept_1000_ids(orders, api, action):
     api.create_subscription("sub", "orders")
