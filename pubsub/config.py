@@ -13,7 +13,8 @@ DATABASE_ECHO = False
 DATABASE_POOL_SIZE = 5
 # Extra connections opened under load beyond the pool size, closed when returned.
 DATABASE_MAX_OVERFLOW = 10
-# Test each pooled connection before use, so a restarted database costs no failed request.
+# Test each pooled connection before use, so a restarted database costs no failed request: a
+# look at its socket (db.check_alive), not a SELECT 1 round trip.
 DATABASE_POOL_PRE_PING = True
 
 # debug, info, warning, error or critical.
@@ -29,7 +30,8 @@ SUBSCRIPTION_BACKOFF_MAX_SECONDS = 300
 # Where `flask pubsub serve` listens, and how many gunicorn processes and threads it runs.
 API_HOST = "127.0.0.1"
 API_PORT = 8000
-API_NUM_WORKERS = 1
+# Two workers of eight threads did best on a 2-core machine (bench/README.md, Results).
+API_NUM_WORKERS = 2
 API_NUM_THREADS = 8
 # Largest request body accepted, in bytes; larger bodies get 413.
 API_MAX_BODY_BYTES = 10 * 1024 * 1024
