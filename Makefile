@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FLASK := $(BIN)/flask
 
-.PHONY: install install-dev run test lint format clean bench bench-smoke
+.PHONY: install install-dev run test lint format clean bench bench-smoke soak
 
 install: $(VENV)/.installed
 
@@ -52,3 +52,11 @@ bench: install
 # fails. CI runs it so the bench cannot rot. The bench stops the app itself; timeout is a backstop.
 bench-smoke: install
 	timeout 240 $(BIN)/python -m bench --smoke --compare-raw $(BENCH_ARGS)
+
+# A long steady run (not in CI): publish and consume at a fixed rate with the cleanup jobs running,
+# a report every 30 s, and at the end lost = 0 and pending = 0 or exit 1 (bench/README.md).
+SOAK_MINUTES ?= 20
+SOAK_ARGS ?=
+
+soak: install
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
