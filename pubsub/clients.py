@@ -31,7 +31,17 @@ OBJECT_ACTIONS = {
     "topics": ("read", "delete", "publish"),
     "subscriptions": ("read", "delete", "consume"),
 }
-OBJECT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+OBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# The same grammar as one regular expression, for the OpenAPI document (normalize_scopes checks).
+_SCOPE = "|".join(
+    [r"\*"]
+    + [f"{resource}:(?:{'|'.join(actions)})" for resource, actions in ACTIONS.items()]
+    + [
+        f"{resource}:(?:{'|'.join(actions)}):[A-Za-z0-9._-]{{1,128}}"
+        for resource, actions in OBJECT_ACTIONS.items()
+    ]
+)
+SCOPES_PATTERN = rf"^\s*(?:{_SCOPE})(?:\s+(?:{_SCOPE}))*\s*$"
 # Compared against when the client is unknown, so that case costs the same as a wrong secret.
 UNKNOWN_CLIENT_DIGEST = hashlib.sha256(b"no such client").hexdigest()
 
@@ -48,7 +58,7 @@ def normalize_scopes(scopes: str) -> str:
         resource, action = (parts + ["", ""])[:2]
         known = action in ACTIONS.get(resource, ())
         if len(parts) == 3:
-            known = action in OBJECT_ACTIONS.get(resource, ()) and bool(OBJECT_ID.match(parts[2]))
+            known = action in OBJECT_ACTIONS.get(resource, ()) and bool(OBJECT_ID.fullmatch(parts[2]))
         elif len(parts) != 2:
             known = False
         if not known:

@@ -71,7 +71,7 @@ def handle_http_exception(error: HTTPException):
     data = getattr(error, "data", None) or {}
     headers = data.get("headers") or {}
     if "messages" in data:  # webargs: 422 for invalid fields, 400 for a body that is not JSON
-        detail = "Validation error" if error.code == 422 else (error.description or error.name)
+        detail = "Validation error" if error.code == 422 else "Invalid JSON body"
         return error_response(error.code or 422, detail, flatten_errors(data["messages"]), headers)
     if error.code == 405 and error.valid_methods:
         headers = {**headers, "Allow": ", ".join(error.valid_methods)}

@@ -1,15 +1,18 @@
 """Every marshmallow schema: the public JSON contract in one place."""
 
 import math
+import re
 
 import marshmallow as ma
 from flask import current_app
 from marshmallow import fields, validate
 
-from pubsub.clients import normalize_scopes
+from pubsub.clients import SCOPES_PATTERN, normalize_scopes
 from pubsub.errors import InvalidInput
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"  # as documented (ECMA-262: $ is the very end)
+# Checked with \Z: Python's $ also matches before a final newline, which let "orders\n" in.
+ID_REGEX = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 FILTER_MAX_KEYS = 32
 FILTER_MAX_VALUES = 100
 MAX_BATCH_IDS = 1000
@@ -21,7 +24,7 @@ MAX_BACKOFF_SECONDS = 7 * 24 * 3600
 def resource_id(**kwargs) -> fields.String:
     return fields.String(
         required=True,
-        validate=validate.Regexp(ID_PATTERN, error="must be 1-128 characters of A-Z a-z 0-9 . _ -"),
+        validate=validate.Regexp(ID_REGEX, error="must be 1-128 characters of A-Z a-z 0-9 . _ -"),
         metadata={"pattern": ID_PATTERN, "example": "orders"},
         **kwargs,
     )
@@ -84,16 +87,25 @@ class SubscriptionCreateSchema(ma.Schema):
         keys=fields.String(validate=validate.Length(min=1, max=256)),
         allow_none=True,
         load_default=None,
-        metadata={"example": {"country": ["BR", "US"]}},
+        metadata={
+            "example": {"country": ["BR", "US"]},
+            "maxProperties": FILTER_MAX_KEYS,
+            "additionalProperties": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": FILTER_MAX_VALUES,
+                "items": {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]},
+            },
+        },
     )
     max_delivery_attempts = fields.Integer(
-        allow_none=True, validate=validate.Range(min=1, max=MAX_DELIVERY_ATTEMPTS)
+        strict=True, allow_none=True, validate=validate.Range(min=1, max=MAX_DELIVERY_ATTEMPTS)
     )
     backoff_min_seconds = fields.Integer(
-        allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+        strict=True, allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
     )
     backoff_max_seconds = fields.Integer(
-        allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+        strict=True, allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
     )
 
     @ma.post_load
@@ -175,6 +187,16 @@ PUBLISH_BODY = {
 }
 
 
+class StrictBoolean(fields.Boolean):
+    """true or false, as documented: not 0, 1, "off" or the other spellings marshmallow accepts
+    (its truthy/falsy sets cannot exclude 1 and 0, which equal True and False)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 def valid_scopes(value: str) -> None:
     try:
         normalize_scopes(value)
@@ -187,15 +209,19 @@ class ClientCreateSchema(ma.Schema):
     scopes = fields.String(
         required=True,
         validate=valid_scopes,
-        metadata={"description": "Space-separated scopes", "example": "topics:publish:orders"},
+        metadata={
+            "description": "Space-separated scopes",
+            "example": "topics:publish:orders",
+            "pattern": SCOPES_PATTERN,
+        },
     )
-    is_active = fields.Boolean(load_default=True)
+    is_active = StrictBoolean(load_default=True)
 
 
 class ClientUpdateSchema(ma.Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=255))
-    scopes = fields.String(required=True, validate=valid_scopes)
-    is_active = fields.Boolean(required=True)
+    scopes = fields.String(required=True, validate=valid_scopes, metadata={"pattern": SCOPES_PATTERN})
+    is_active = StrictBoolean(required=True)
 
 
 class ClientSchema(ma.Schema):

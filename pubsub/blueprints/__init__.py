@@ -4,16 +4,41 @@ import functools
 import re
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import flask_smorest
 import marshmallow as ma
 import orjson
-from flask import Response, request
+from flask import Response, current_app, request
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from pubsub.errors import ValidationFailed
+from pubsub.schemas import ErrorSchema
+
+
+def request_body() -> bytes:
+    """The raw body, or 413 when it is larger than MAX_CONTENT_LENGTH (API_MAX_BODY_BYTES).
+
+    Werkzeug refuses a larger Content-Length itself, but cuts a chunked body (no length) at the
+    limit without a word: one more byte to read means it was larger."""
+    raw = request.get_data(cache=True)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return raw
+
+
+def check_query_string(query_string: str) -> None:
+    """422 for a query string that is not percent-encoded UTF-8: Werkzeug would re-quote bad
+    escapes into the values (a consumer_id of "%FF"), and fail with a 500 on raw bytes, which
+    PEP 3333 passes through as latin-1."""
+    try:
+        unquote_to_bytes(query_string.encode("ascii")).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise ValidationFailed({"query": ["must be percent-encoded UTF-8"]}) from None
 
 
 class OrjsonParser(FlaskParser):
@@ -23,7 +48,11 @@ class OrjsonParser(FlaskParser):
     def _raw_load_json(self, req):
         if not is_json_request(req):
             return core.missing
-        return orjson.loads(req.get_data(cache=True))
+        return orjson.loads(request_body())
+
+    def load_querystring(self, req, schema):
+        check_query_string(req.environ.get("QUERY_STRING", ""))
+        return super().load_querystring(req, schema)
 
 
 def document_only(decorator: Callable) -> Callable:
@@ -42,6 +71,14 @@ class Blueprint(flask_smorest.Blueprint):
 
     def alt_response(self, *args, **kwargs):
         return document_only(super().alt_response(*args, **kwargs))
+
+    def arguments(self, schema, *, location="json", **kwargs):
+        """As flask-smorest's; a JSON body also documents the 400 for malformed JSON."""
+        decorator = super().arguments(schema, location=location, **kwargs)
+        if location != "json":
+            return decorator
+        malformed = self.alt_response(400, schema=ErrorSchema, description="Malformed JSON")
+        return lambda view: malformed(decorator(view))
 
     @staticmethod
     def doc(**kwargs):
@@ -71,7 +108,7 @@ def read_json_body() -> tuple[Any, bytes]:
     levels) is a 400; a body that is not declared as JSON is a 415."""
     if not request.is_json:
         raise UnsupportedMediaType("Content-Type must be application/json")
-    raw = request.get_data(cache=True)
+    raw = request_body()
     try:
         return orjson.loads(raw), raw
     except orjson.JSONDecodeError as error:

@@ -51,7 +51,8 @@ class Clients(MethodView):
             return {"data": clients.list_clients(conn, page["offset"], page["limit"])}
 
 
-@blp.route("/<id>")
+# Documented as a UUID; anything else is a 422 naming path.id (parse_client_id), not a 404.
+@blp.route("/<id>", parameters=[{"in": "path", "name": "id", "schema": {"type": "string", "format": "uuid"}}])
 class Client(MethodView):
     @require_scope("clients", "read")
     @blp.response(200, ClientSchema)
@@ -66,6 +67,7 @@ class Client(MethodView):
     @blp.arguments(ClientUpdateSchema)
     @blp.response(200, ClientSchema)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(422, **BAD_ID)
     def put(self, data, id):
         """Replace a client's name, scopes and state; its tokens issued before stop working."""
         with db.begin() as conn:

@@ -67,7 +67,11 @@ class Token(MethodView):
         }
     )
     @blp.response(201, TokenSchema)
+    @blp.alt_response(
+        400, schema=ErrorSchema, description="Malformed body, or tokens unavailable (no AUTH_SECRET_KEY)"
+    )
     @blp.alt_response(401, schema=ErrorSchema, description="Unknown, inactive or wrong credentials")
+    @blp.alt_response(415, schema=ErrorSchema, description="Neither JSON nor a form")
     @blp.alt_response(422, schema=ErrorSchema, description="Missing fields")
     def post(self):
         """Exchange a client's id and secret for an access token."""
