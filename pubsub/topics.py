@@ -31,6 +31,13 @@ def list_topics(conn: sa.Connection, offset: int, limit: int) -> list[dict]:
 
 def delete_topic(conn: sa.Connection, topic_id: str) -> None:
     """Delete a topic, its subscriptions and every message they hold, in one transaction."""
+    # The topic row first: a subscription being created holds a lock on it until it commits,
+    # so this waits for those, and blocks new ones (they then find no topic). The statement
+    # below therefore sees every subscription the topic will ever have, and deletes their
+    # messages; without this, one created meanwhile was removed by the cascade, its messages not.
+    locked = conn.execute(sa.select(topics.c.id).where(topics.c.id == topic_id).with_for_update()).first()
+    if locked is None:
+        raise NotFound(f"topic {topic_id!r} not found")
     # Deleting the subscription rows first takes their row locks: a concurrent publish that
     # already holds FOR KEY SHARE finishes first (and its messages are deleted below); one that
     # comes later finds the subscriptions gone.
@@ -46,5 +53,4 @@ def delete_topic(conn: sa.Connection, topic_id: str) -> None:
             sa.delete(subscription_messages).where(subscription_messages.c.subscription_id.in_(deleted))
         )
         conn.execute(sa.delete(acked_messages).where(acked_messages.c.subscription_id.in_(deleted)))
-    if conn.execute(sa.delete(topics).where(topics.c.id == topic_id)).rowcount == 0:
-        raise NotFound(f"topic {topic_id!r} not found")
+    conn.execute(sa.delete(topics).where(topics.c.id == topic_id))

@@ -1,0 +1,886 @@
+"""A history-checking workload, as queues are tested by Jepsen's queue checker: run producers and
+consumers against a live server, record every operation with the client's clock around it, then
+check the history for anomalies.
+
+- Producers publish batches of payloads carrying unique values (``p1-000042``), with fields that
+  filters can select on (``country``, ``premium``), and record each publish's outcome: ok (2xx),
+  refused (4xx) or unknown (no response, or a 5xx: it may or may not have committed).
+- Consumers claim batches, record every delivery (message id, value, attempts, the time interval
+  of the claim), then ack or nack each message at random and record those calls too.
+- A drain acks everything left until several empty polls and the subscription's metrics show
+  nothing available or locked.
+- ``check(history)`` reports each anomaly class as a list of readable examples.
+
+Times are ``time.monotonic()`` (CLOCK_MONOTONIC: one clock for every process of the machine), so
+consumers in subprocesses can write their history to a journal file that the test merges.
+
+This module imports only the standard library: ``python -m tests.history consumer ...`` starts in
+a few tens of milliseconds, so a scenario can run consumers as processes and SIGKILL them.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote
+
+COUNTRIES = ("BR", "US", "DE", "JP", "IN")
+REQUEST_TIMEOUT = 10.0  # seconds; a request slower than this counts as unknown
+IDLE_RECONNECT = 1.5  # seconds; gunicorn closes keep-alive connections idle for 2 s
+# Seconds by which the checker widens what the server may legitimately have done: PostgreSQL's
+# clock and ours tick together, but now() is the start of a statement, not of our request.
+SLACK = 0.05
+
+Stop = Callable[[], bool]
+
+
+def outcome_of(status: int | None) -> str:
+    """ok (2xx), refused (4xx: it did not happen) or unknown (no answer or a 5xx: it may have)."""
+    if status is not None and 200 <= status < 300:
+        return "ok"
+    if status is not None and 400 <= status < 500:
+        return "refused"
+    return "unknown"
+
+
+# --- The events of a history -------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One HTTP exchange; status None when no response came back (connection error, timeout).
+    `error` says what went wrong: the exception, or an error response's detail."""
+
+    client: str
+    method: str
+    path: str
+    status: int | None
+    t0: float
+    t1: float
+    error: str | None = None
+
+
+@dataclass
+class Publish:
+    producer: str
+    topic: str
+    values: list[str]
+    payloads: list[dict]
+    status: int | None
+    t0: float
+    t1: float
+
+    @property
+    def outcome(self) -> str:
+        return outcome_of(self.status)
+
+
+@dataclass
+class Delivery:
+    """A message in a consume response: claimed (and locked) at some instant between t0 and t1."""
+
+    subscription: str
+    consumer: str
+    message_id: str
+    value: str | None
+    payload: object
+    attempts: int
+    t0: float
+    t1: float
+
+
+@dataclass
+class Settle:
+    """An ack or nack call by a consumer for some of its deliveries."""
+
+    kind: str  # "ack" or "nack"
+    subscription: str
+    consumer: str
+    message_ids: list[str]
+    status: int | None
+    t0: float
+    t1: float
+
+    @property
+    def outcome(self) -> str:
+        return outcome_of(self.status)
+
+
+@dataclass
+class Release:
+    """A cleanup-stuck run: releases locks taken more than lock_timeout seconds before it ran."""
+
+    lock_timeout: float
+    t0: float
+    t1: float
+    released: int | None = None
+    dead: int | None = None
+
+
+@dataclass
+class SubscriptionInfo:
+    id: str
+    topic: str
+    filter: dict | None
+    created: float  # when its creation was answered: publishes after that must reach it
+    deleted: float | None = None  # when its deletion (or its topic's) was requested
+
+
+EVENT_TYPES = {"call": Call, "publish": Publish, "deliveries": Delivery, "settle": Settle, "release": Release}
+
+
+class History:
+    """Everything that happened, recorded by any number of threads; optionally also written to a
+    journal file, one JSON line per event as it happens, for a process that may be killed."""
+
+    def __init__(self, journal: str | os.PathLike | None = None):
+        self.lock = threading.Lock()
+        self.calls: list[Call] = []
+        self.publishes: list[Publish] = []
+        self.deliveries: list[Delivery] = []
+        self.settles: list[Settle] = []
+        self.releases: list[Release] = []
+        self.subscriptions: dict[str, SubscriptionInfo] = {}
+        self.dead: dict[str, set[str]] = defaultdict(set)  # subscription -> values in its DLQ
+        self.final_metrics: dict[str, dict] = {}
+        self.clients: list[Client] = []  # closed with the history
+        self.journal = open(journal, "a", encoding="utf-8", buffering=1) if journal else None
+
+    def close(self) -> None:
+        """Close every client's connection, and the journal."""
+        for client in self.clients:
+            client.close()
+        if self.journal:
+            self.journal.close()
+
+    def _lists(self) -> dict[str, list]:
+        return {
+            "call": self.calls,
+            "publish": self.publishes,
+            "deliveries": self.deliveries,
+            "settle": self.settles,
+            "release": self.releases,
+        }
+
+    def _record(self, kind: str, events: list) -> None:
+        with self.lock:
+            self._lists()[kind].extend(events)
+            if self.journal:
+                # One write per line: a SIGKILL can only cut the last line short.
+                self.journal.write(json.dumps({"kind": kind, "events": [asdict(e) for e in events]}) + "\n")
+
+    def record_call(self, call: Call) -> None:
+        self._record("call", [call])
+
+    def record_publish(self, publish: Publish) -> None:
+        self._record("publish", [publish])
+
+    def record_deliveries(self, deliveries: list[Delivery]) -> None:
+        self._record("deliveries", deliveries)
+
+    def record_settle(self, settle: Settle) -> None:
+        self._record("settle", [settle])
+
+    def record_release(self, release: Release) -> None:
+        self._record("release", [release])
+
+    def record_subscription(
+        self, subscription_id: str, topic: str, filter: dict | None, created: float
+    ) -> None:
+        with self.lock:
+            self.subscriptions[subscription_id] = SubscriptionInfo(subscription_id, topic, filter, created)
+
+    def record_deleted_subscription(self, subscription_id: str, at: float) -> None:
+        with self.lock:
+            self.subscriptions[subscription_id].deleted = at
+
+    def record_deleted_topic(self, topic: str, at: float) -> None:
+        with self.lock:
+            for info in self.subscriptions.values():
+                if info.topic == topic and info.deleted is None:
+                    info.deleted = at
+
+    def record_dead(self, subscription_id: str, values: Iterable[str]) -> None:
+        with self.lock:
+            self.dead[subscription_id].update(values)
+
+    def record_metrics(self, subscription_id: str, metrics: dict) -> None:
+        with self.lock:
+            self.final_metrics[subscription_id] = metrics
+
+    def load_journal(self, path: str | os.PathLike) -> int:
+        """Merge the events of a journal; a line cut short by a kill is skipped. Returns how many."""
+        count = 0
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                events = [EVENT_TYPES[entry["kind"]](**e) for e in entry["events"]]
+                with self.lock:
+                    self._lists()[entry["kind"]].extend(events)
+                count += len(events)
+        return count
+
+    def failed_calls(self) -> list[Call]:
+        """Calls that got no response or a 5xx."""
+        return [c for c in self.calls if c.status is None or c.status >= 500]
+
+    def unsettled(self, consumer: str) -> list[Delivery]:
+        """The consumer's deliveries that it never acked or nacked (it held them when it died)."""
+        settled = {(s.subscription, m) for s in self.settles if s.consumer == consumer for m in s.message_ids}
+        return [
+            d
+            for d in self.deliveries
+            if d.consumer == consumer and (d.subscription, d.message_id) not in settled
+        ]
+
+
+def last_journal_kind(path: str | os.PathLike) -> str | None:
+    """The kind of the last complete event in a journal (e.g. "deliveries": a batch is in hand)."""
+    try:
+        with open(path, "rb") as journal:
+            journal.seek(0, os.SEEK_END)
+            journal.seek(max(0, journal.tell() - 65536))
+            tail = journal.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            return json.loads(line)["kind"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return None
+
+
+# --- The client and the workload ---------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int | None
+    body: object
+    t0: float
+    t1: float
+
+
+class Client:
+    """The REST API over one keep-alive connection (http.client), reopened after an idle spell
+    or an error. Every call is recorded; a request is never retried (its outcome is the data)."""
+
+    def __init__(self, history: History, name: str, port: int, timeout: float = REQUEST_TIMEOUT):
+        self.history, self.name, self.port, self.timeout = history, name, port, timeout
+        self.conn: http.client.HTTPConnection | None = None
+        self.last_used = 0.0
+        with history.lock:
+            history.clients.append(self)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, body: object = None) -> Response:
+        if self.conn is not None and time.monotonic() - self.last_used > IDLE_RECONNECT:
+            self.close()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        data = None if body is None else json.dumps(body)
+        t0 = time.monotonic()
+        try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            self.conn.request(method, path, body=data, headers=headers)
+            response = self.conn.getresponse()
+            raw = response.read()
+            if response.will_close:
+                self.close()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            t1 = self.last_used = time.monotonic()
+            self.history.record_call(Call(self.name, method, path.split("?")[0], None, t0, t1, repr(error)))
+            return Response(None, None, t0, t1)
+        t1 = self.last_used = time.monotonic()
+        decoded: object = raw.decode("utf-8", "replace")
+        if raw and (response.getheader("Content-Type") or "").startswith("application/json"):
+            decoded = json.loads(raw)
+        error = None
+        if response.status >= 400:
+            error = decoded.get("detail") if isinstance(decoded, dict) else repr(decoded)[:200]
+        self.history.record_call(Call(self.name, method, path.split("?")[0], response.status, t0, t1, error))
+        return Response(response.status, decoded, t0, t1)
+
+    def create_topic(self, topic: str) -> None:
+        response = self.request("POST", "/topics", {"id": topic})
+        assert response.status == 201, (response.status, response.body)
+
+    def create_subscription(
+        self, subscription_id: str, topic: str, filter: dict | None = None, **fields
+    ) -> None:
+        """Create it (fast retries for the workload: backoff_min_seconds=1) and record it."""
+        settings = {"max_delivery_attempts": 50, "backoff_min_seconds": 1, "backoff_max_seconds": 2, **fields}
+        body = {"id": subscription_id, "topic_id": topic, "filter": filter, **settings}
+        response = self.request("POST", "/subscriptions", body)
+        assert response.status == 201, (response.status, response.body)
+        self.history.record_subscription(subscription_id, topic, filter, response.t1)
+
+    def metrics(self, subscription_id: str) -> dict | None:
+        response = self.request("GET", f"/subscriptions/{quote(subscription_id)}/metrics")
+        return response.body if response.status == 200 else None
+
+    def dead_letters(self, subscription_id: str) -> list[dict]:
+        """Every message in the DLQ, page by page."""
+        found: list[dict] = []
+        while True:
+            path = f"/subscriptions/{quote(subscription_id)}/dlq?offset={len(found)}&limit=100"
+            response = self.request("GET", path)
+            assert response.status == 200, (response.status, response.body)
+            found.extend(response.body["data"])
+            if len(response.body["data"]) < 100:
+                return found
+
+
+class Producer:
+    """Publishes `batches` batches of `batch_size` payloads with unique values to a topic."""
+
+    def __init__(
+        self,
+        history: History,
+        port: int,
+        name: str,
+        topic: str,
+        *,
+        batches: int = 50,
+        batch_size: int = 10,
+        seed: int = 0,
+        pause: float = 0.0,
+    ):
+        self.history, self.name, self.topic = history, name, topic
+        self.batches, self.batch_size, self.pause = batches, batch_size, pause
+        self.client = Client(history, name, port)
+        self.rng = random.Random(f"{seed}-{name}")
+        self.sequence = 0
+
+    def payload(self) -> dict:
+        self.sequence += 1
+        return {
+            "value": f"{self.name}-{self.sequence:06d}",
+            "n": self.sequence,
+            "country": self.rng.choice(COUNTRIES),
+            "premium": self.rng.random() < 0.5,
+        }
+
+    def publish_batch(self, size: int | None = None, **extra) -> Publish:
+        payloads = [{**self.payload(), **extra} for _ in range(size or self.batch_size)]
+        response = self.client.request("POST", f"/topics/{quote(self.topic)}/messages", payloads)
+        publish = Publish(
+            self.name,
+            self.topic,
+            [p["value"] for p in payloads],
+            payloads,
+            response.status,
+            response.t0,
+            response.t1,
+        )
+        self.history.record_publish(publish)
+        return publish
+
+    def run(self, stop: Stop) -> None:
+        for _ in range(self.batches):
+            if stop():
+                break
+            if self.publish_batch().outcome != "ok":
+                time.sleep(0.05)  # a deleted topic or a dead worker: do not spin
+            elif self.pause:
+                time.sleep(self.pause)
+        self.client.close()
+
+
+class ConsumerCrashed(Exception):
+    """The consumer died holding its batch (it neither acked nor nacked it)."""
+
+
+class Consumer:
+    """Claims batches from one subscription, then acks or nacks each message at random.
+
+    It nacks only messages delivered fewer than `nack_below_attempts` times, so that retries end
+    (each waits the subscription's backoff). `work_seconds` is how long it "processes" a batch
+    before settling it; `crashes_on(payload)` makes it die (raise ConsumerCrashed) holding a batch
+    that contains such a payload."""
+
+    def __init__(
+        self,
+        history: History,
+        port: int,
+        name: str,
+        subscription: str,
+        *,
+        batch_size: int = 10,
+        nack_ratio: float = 0.2,
+        nack_below_attempts: int = 3,
+        seed: int = 0,
+        work_seconds: float = 0.0,
+        crashes_on: Callable[[object], bool] | None = None,
+        idle_sleep: float = 0.1,
+    ):
+        self.history, self.name, self.subscription = history, name, subscription
+        self.batch_size, self.nack_ratio, self.work_seconds = batch_size, nack_ratio, work_seconds
+        self.nack_below_attempts = nack_below_attempts
+        self.crashes_on, self.idle_sleep = crashes_on, idle_sleep
+        self.client = Client(history, name, port)
+        self.rng = random.Random(f"{seed}-{name}")
+        self.last_status: int | None = None
+        self.path = f"/subscriptions/{quote(subscription)}"
+
+    def poll_once(self) -> int | None:
+        """One claim and the settling of its batch: how many messages came, None if it failed."""
+        query = f"consumer_id={quote(self.name)}&batch_size={self.batch_size}"
+        response = self.client.request("GET", f"{self.path}/messages?{query}")
+        self.last_status = response.status
+        if response.status != 200:
+            return None
+        batch = [
+            Delivery(
+                self.subscription,
+                self.name,
+                m["id"],
+                m["payload"].get("value") if isinstance(m["payload"], dict) else None,
+                m["payload"],
+                m["delivery_attempts"],
+                response.t0,
+                response.t1,
+            )
+            for m in response.body["data"]
+        ]
+        if not batch:
+            return 0
+        self.history.record_deliveries(batch)
+        if self.work_seconds:
+            time.sleep(self.work_seconds * self.rng.uniform(0.5, 1.5))
+        if self.crashes_on and any(self.crashes_on(d.payload) for d in batch):
+            raise ConsumerCrashed(f"{self.name} crashed holding {[d.value for d in batch]}")
+        nacks = [
+            d.message_id
+            for d in batch
+            if d.attempts < self.nack_below_attempts and self.rng.random() < self.nack_ratio
+        ]
+        acks = [d.message_id for d in batch if d.message_id not in nacks]
+        for kind, ids in self.rng.sample([("ack", acks), ("nack", nacks)], 2):
+            if ids:
+                self.settle(kind, ids)
+        return len(batch)
+
+    def settle(self, kind: str, ids: list[str]) -> Settle:
+        response = self.client.request("POST", f"{self.path}/{kind}s", ids)
+        settle = Settle(kind, self.subscription, self.name, ids, response.status, response.t0, response.t1)
+        self.history.record_settle(settle)
+        return settle
+
+    def run(self, stop: Stop) -> None:
+        try:
+            while not stop():
+                if not self.poll_once():
+                    time.sleep(self.idle_sleep)
+        finally:
+            self.client.close()
+
+
+def drain(
+    history: History,
+    port: int,
+    subscriptions: Iterable[str],
+    *,
+    empty_polls: int = 3,
+    seconds: float = 30.0,
+    batch_size: int = 100,
+    poll_interval: float = 0.05,
+) -> None:
+    """Ack everything left, one thread per subscription, until `empty_polls` empty polls in a
+    row and metrics showing nothing available (ready or in backoff) or locked; bounded by
+    `seconds`. Records each subscription's final metrics, which the checker looks at."""
+    deadline = time.monotonic() + seconds
+
+    def drain_one(subscription: str) -> None:
+        consumer = Consumer(
+            history, port, f"drain-{subscription}", subscription, batch_size=batch_size, nack_ratio=0
+        )
+        empties = 0
+        while time.monotonic() < deadline:
+            got = consumer.poll_once()
+            if got:
+                empties = 0
+                continue
+            if consumer.last_status == 404:
+                break
+            empties += 1
+            if empties >= empty_polls:
+                metrics = consumer.client.metrics(subscription)
+                if metrics and metrics["available"] == 0 and metrics["delivered"] == 0:
+                    break
+            time.sleep(poll_interval)
+        metrics = consumer.client.metrics(subscription)
+        if metrics is not None:
+            history.record_metrics(subscription, metrics)
+        consumer.client.close()
+
+    workers = Workers()
+    for subscription in subscriptions:
+        workers.start(f"drain-{subscription}", drain_one, subscription)
+    workers.join(timeout=seconds + 15, stop=False)
+
+
+def wait_until_consumed(client: Client, subscriptions: Iterable[str], seconds: float = 20.0) -> bool:
+    """Wait (bounded) until no subscription has messages available or locked, as its consumers
+    work through the backlog and the retries; True if they got there."""
+    deadline = time.monotonic() + seconds
+    pending = list(subscriptions)
+    while pending and time.monotonic() < deadline:
+        metrics = client.metrics(pending[0])
+        if metrics is not None and metrics["available"] == 0 and metrics["delivered"] == 0:
+            pending.pop(0)
+        else:
+            time.sleep(0.1)
+    return not pending
+
+
+def release_loop(
+    history: History,
+    release: Callable[[int], tuple[int, int]],
+    lock_timeout: int,
+    stop: Stop,
+    interval: float = 0.5,
+) -> None:
+    """Run cleanup-stuck (`release(lock_timeout)` -> (released, dead-lettered)) every `interval`
+    seconds until stopped, recording each run: the checker needs them to tell a lock that
+    expired from a lock that was broken."""
+    while not stop():
+        t0 = time.monotonic()
+        released, dead = release(lock_timeout)
+        history.record_release(Release(lock_timeout, t0, time.monotonic(), released, dead))
+        time.sleep(interval)
+
+
+class Workers:
+    """Threads running workload loops. join() stops and waits for them (bounded) and re-raises
+    the first exception any of them raised, so no failure is lost in a thread."""
+
+    def __init__(self):
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def stopped(self) -> bool:
+        return self.stop_event.is_set()
+
+    def start(self, name: str, target: Callable, *args) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as error:  # re-raised by join()
+                self.errors.append(error)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    def join(self, timeout: float, stop: bool = True, threads: list[threading.Thread] | None = None) -> None:
+        if stop:
+            self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for thread in threads if threads is not None else self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                self.stop_event.set()
+                raise AssertionError(f"thread {thread.name} still running after {timeout}s")
+        if self.errors:
+            raise self.errors[0]
+
+
+# --- The checker -------------------------------------------------------------------------------
+
+
+def same_json(a: object, b: object) -> bool:
+    """JSON equality: true is not 1, but 1 is 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def matches(filter: dict | None, payload: object) -> bool:
+    """The service's filter semantics (SPEC §2), for the checker's expected sets."""
+    if not filter:
+        return True
+    if not isinstance(payload, dict):
+        return False
+    return all(
+        key in payload and any(same_json(payload[key], allowed) for allowed in values)
+        for key, values in filter.items()
+    )
+
+
+ANOMALIES = (
+    "lost",
+    "unexpected",
+    "duplicated",
+    "locked_twice",
+    "acked_twice",
+    "redelivered_after_ack",
+    "not_drained",
+)
+
+
+@dataclass
+class Report:
+    """Each anomaly class as a list of readable examples; `stats` counts what happened."""
+
+    lost: list[str] = field(default_factory=list)  # 2xx publish, never acked (nor dead-lettered)
+    unexpected: list[str] = field(default_factory=list)  # never published, refused, altered, filtered out
+    duplicated: list[str] = field(default_factory=list)  # one value under two message ids in a subscription
+    locked_twice: list[str] = field(default_factory=list)  # two deliveries whose locks surely overlapped
+    acked_twice: list[str] = field(default_factory=list)  # two acks that surely took effect
+    redelivered_after_ack: list[str] = field(default_factory=list)  # claimed after an ack surely deleted it
+    not_drained: list[str] = field(default_factory=list)  # messages left available or locked at the end
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(getattr(self, name) for name in ANOMALIES)
+
+    def summary(self, examples: int = 5) -> str:
+        lines = [", ".join(f"{key} {value}" for key, value in self.stats.items())]
+        for name in ANOMALIES:
+            found = getattr(self, name)
+            lines.append(f"{name}: {len(found)}")
+            lines.extend(f"    {example}" for example in found[:examples])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def check(history: History) -> Report:
+    """Find the anomalies of a finished history (after its drain).
+
+    A delivery's lock is held from its claim (somewhere in the consume call [t0, t1]) until its
+    consumer acks or nacks it, or a cleanup-stuck run releases it. Its *horizon* is the earliest
+    instant the lock may have ended: the start of the consumer's first ack/nack call naming the
+    message, or of the first cleanup run that may have found the lock older than its timeout
+    (that is lock expiry, legitimately followed by a redelivery). The checker only reports what
+    the recorded intervals prove:
+
+    - locked_twice: two deliveries of one message, each surely claimed (after its t1) before the
+      other's horizon;
+    - an ack *surely took effect* when it answered 2xx before the lock could have expired: the
+      message was still DELIVERED, so the service deleted it. redelivered_after_ack: a consume
+      call started after such an ack that returned the message; acked_twice: two such acks of
+      one value;
+    - lost: a 2xx publish whose value, in a subscription that matches it and existed before the
+      publish and was not deleted, was never named in an ack call that may have taken effect
+      (2xx or unknown) and is not in the DLQ;
+    - not_drained: final metrics with messages available or locked, which catches an ack that
+      was ignored (lock expired) for a message never delivered again;
+    - unexpected: a delivered value never published, whose publish was refused (4xx), whose
+      payload changed, or that its subscription's topic or filter should not have let in;
+    - duplicated: one value under two message ids in a subscription, i.e. a publish applied
+      twice (a publish of unknown outcome may appear or not, but once).
+    """
+    report = Report()
+    by_value: dict[str, tuple[Publish, dict]] = {}
+    for publish in history.publishes:
+        for value, payload in zip(publish.values, publish.payloads, strict=True):
+            by_value[value] = (publish, payload)
+
+    releases = sorted(history.releases, key=lambda r: r.t0)
+
+    def expiry(delivery: Delivery) -> float:
+        """The earliest instant a cleanup run may have released this delivery's lock."""
+        for release in releases:
+            if release.t1 + SLACK - delivery.t0 > release.lock_timeout:
+                return max(release.t0, delivery.t0 + release.lock_timeout) - SLACK
+        return float("inf")
+
+    # The settle calls of each consumer for each message, in time order.
+    settles: dict[tuple[str, str, str], list[Settle]] = defaultdict(list)
+    for settle in sorted(history.settles, key=lambda s: s.t0):
+        for message_id in settle.message_ids:
+            settles[settle.subscription, settle.consumer, message_id].append(settle)
+
+    by_message: dict[tuple[str, str], list[Delivery]] = defaultdict(list)
+    for delivery in history.deliveries:
+        by_message[delivery.subscription, delivery.message_id].append(delivery)
+
+    horizons: dict[int, float] = {}
+    effective_acks: list[tuple[Delivery, Settle]] = []
+    for deliveries in by_message.values():
+        deliveries.sort(key=lambda d: d.t1)
+        for i, delivery in enumerate(deliveries):
+            # This delivery's settle calls come before the consumer's next claim of the message.
+            later = [d.t1 for d in deliveries[i + 1 :] if d.consumer == delivery.consumer]
+            until = later[0] if later else float("inf")
+            own = [
+                s
+                for s in settles[delivery.subscription, delivery.consumer, delivery.message_id]
+                if delivery.t1 <= s.t0 < until
+            ]
+            expires = expiry(delivery)
+            horizons[id(delivery)] = min([expires, *(s.t0 for s in own)])
+            for settle in own:
+                if settle.kind == "ack" and settle.outcome == "ok" and settle.t1 <= expires:
+                    effective_acks.append((delivery, settle))
+                    break
+
+    for (subscription, message_id), deliveries in by_message.items():
+        for i, first in enumerate(deliveries):
+            for second in deliveries[i + 1 :]:
+                if second.t1 < min(horizons[id(first)], horizons[id(second)]):
+                    report.locked_twice.append(
+                        f"{subscription}/{first.value} ({message_id}): to {first.consumer} "
+                        f"(attempt {first.attempts}, claimed by {first.t1:.3f}, lock held until at least "
+                        f"{horizons[id(first)]:.3f}) and to {second.consumer} (attempt {second.attempts}, "
+                        f"claimed by {second.t1:.3f})"
+                    )
+
+    acks_by_value: dict[tuple[str, str | None], list[tuple[Delivery, Settle]]] = defaultdict(list)
+    for delivery, ack in effective_acks:
+        acks_by_value[delivery.subscription, delivery.value].append((delivery, ack))
+        for other in by_message[delivery.subscription, delivery.message_id]:
+            if other.t0 > ack.t1:
+                report.redelivered_after_ack.append(
+                    f"{delivery.subscription}/{delivery.value} ({delivery.message_id}): acked by "
+                    f"{delivery.consumer} at {ack.t1:.3f}, delivered again to {other.consumer} "
+                    f"(attempt {other.attempts}) in a claim started at {other.t0:.3f}"
+                )
+    for (subscription, value), acks in acks_by_value.items():
+        if len(acks) > 1:
+            report.acked_twice.append(
+                f"{subscription}/{value}: acked by "
+                + ", ".join(f"{d.consumer} at {a.t1:.3f} ({d.message_id})" for d, a in acks)
+            )
+
+    ids_by_value: dict[tuple[str, str | None], set[str]] = defaultdict(set)
+    for (subscription, message_id), deliveries in by_message.items():
+        delivery = deliveries[0]
+        ids_by_value[subscription, delivery.value].add(message_id)
+        reason = unexpected_reason(delivery, by_value, history.subscriptions.get(subscription))
+        if reason:
+            report.unexpected.append(f"{subscription}/{delivery.value} ({message_id}): {reason}")
+    for (subscription, value), message_ids in ids_by_value.items():
+        if len(message_ids) > 1:
+            report.duplicated.append(f"{subscription}/{value}: delivered as {sorted(message_ids)}")
+
+    maybe_acked: set[tuple[str, str]] = {
+        (s.subscription, message_id)
+        for s in history.settles
+        if s.kind == "ack" and s.outcome != "refused"
+        for message_id in s.message_ids
+    }
+    acked_values = {
+        (subscription, deliveries[0].value)
+        for (subscription, message_id), deliveries in by_message.items()
+        if (subscription, message_id) in maybe_acked
+    }
+    for info in history.subscriptions.values():
+        if info.deleted is not None:
+            continue  # its messages went with it
+        for value, (publish, payload) in by_value.items():
+            if (
+                publish.outcome == "ok"
+                and publish.topic == info.topic
+                and publish.t0 >= info.created
+                and matches(info.filter, payload)
+                and (info.id, value) not in acked_values
+                and value not in history.dead.get(info.id, ())
+            ):
+                deliveries = [d for d in history.deliveries if d.subscription == info.id and d.value == value]
+                report.lost.append(
+                    f"{info.id}/{value}: published at {publish.t1:.3f} (2xx), "
+                    f"{len(deliveries)} deliveries, never acked"
+                )
+        metrics = history.final_metrics.get(info.id)
+        if metrics and (metrics["available"] or metrics["delivered"]):
+            report.not_drained.append(f"{info.id}: {metrics}")
+
+    outcomes = defaultdict(int)
+    for publish in history.publishes:
+        outcomes[publish.outcome] += len(publish.values)
+    report.stats = {
+        "values published ok": outcomes["ok"],
+        "refused": outcomes["refused"],
+        "unknown": outcomes["unknown"],
+        "deliveries": len(history.deliveries),
+        "redeliveries": sum(1 for d in history.deliveries if d.attempts > 1),
+        "acked ids": len(maybe_acked),
+        "nacks": sum(len(s.message_ids) for s in history.settles if s.kind == "nack"),
+        "cleanup runs": len(history.releases),
+        "failed calls": len(history.failed_calls()),
+    }
+    return report
+
+
+def unexpected_reason(
+    delivery: Delivery, by_value: dict[str, tuple[Publish, dict]], info: SubscriptionInfo | None
+) -> str | None:
+    """Why a delivered message should not exist in its subscription, or None if it may."""
+    if delivery.value not in by_value:
+        return "never published"
+    publish, payload = by_value[delivery.value]
+    if publish.outcome == "refused":
+        return f"its publish was refused ({publish.status})"
+    if delivery.payload != payload:
+        return f"payload {delivery.payload!r} differs from the published {payload!r}"
+    if info is not None and publish.topic != info.topic:
+        return f"published to topic {publish.topic!r}, not {info.topic!r}"
+    if info is not None and not matches(info.filter, payload):
+        return f"does not match the filter {info.filter!r}"
+    return None
+
+
+# --- A consumer as a process, to be killed -----------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.history consumer ...`: one Consumer writing its history to a journal,
+    until the stop file appears or `--seconds` pass (a bound should the test die first)."""
+    parser = argparse.ArgumentParser(prog="python -m tests.history")
+    commands = parser.add_subparsers(dest="command", required=True)
+    consumer = commands.add_parser("consumer")
+    consumer.add_argument("--port", type=int, required=True)
+    consumer.add_argument("--subscription", required=True)
+    consumer.add_argument("--name", required=True)
+    consumer.add_argument("--journal", required=True)
+    consumer.add_argument("--stop-file", required=True)
+    consumer.add_argument("--seconds", type=float, default=60.0)
+    consumer.add_argument("--batch-size", type=int, default=10)
+    consumer.add_argument("--nack-ratio", type=float, default=0.2)
+    consumer.add_argument("--work-seconds", type=float, default=0.0)
+    consumer.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    history = History(journal=args.journal)
+    deadline = time.monotonic() + args.seconds
+    try:
+        Consumer(
+            history,
+            args.port,
+            args.name,
+            args.subscription,
+            batch_size=args.batch_size,
+            nack_ratio=args.nack_ratio,
+            seed=args.seed,
+            work_seconds=args.work_seconds,
+        ).run(lambda: time.monotonic() > deadline or os.path.exists(args.stop_file))
+    finally:
+        history.close()
+
+
+if __name__ == "__main__":
+    main()
