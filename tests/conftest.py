@@ -18,6 +18,7 @@ from flask_migrate import upgrade
 from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db
+from tests.history import History, Workers
 
 TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
 pytest_plugins = ["tests.auth_support"]  # auth fixtures shared by the test_auth*.py modules
@@ -167,3 +168,25 @@ class ApiHelper:
 @pytest.fixture
 def api(client) -> ApiHelper:
     return ApiHelper(client)
+
+
+# The history-checking harness (tests/history.py), for test_history and test_restart_under_load.
+
+
+@pytest.fixture
+def history() -> Iterator[History]:
+    """A scenario's history; its clients' connections are closed at the end, before the server
+    stops (idle keep-alive connections would hold it up)."""
+    history = History()
+    yield history
+    history.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    """Workload threads, stopped at the end whatever happens."""
+    workers = Workers()
+    yield workers
+    workers.stop_event.set()
+    for thread in workers.threads:
+        thread.join(15)

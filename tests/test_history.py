@@ -274,24 +274,6 @@ def release(history_app) -> Callable[[int], tuple[int, int]]:
     return release_stuck
 
 
-@pytest.fixture
-def history() -> Iterator[History]:
-    """The scenario's history; its clients' connections are closed at the end."""
-    history = History()
-    yield history
-    history.close()
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    """Workload threads, stopped at the end whatever happens."""
-    workers = Workers()
-    yield workers
-    workers.stop_event.set()
-    for thread in workers.threads:
-        thread.join(15)
-
-
 def start_producers(workers: Workers, history: History, port: int, topics: list[str], **options) -> list:
     """One producer thread per topic in the list, named p0, p1, ..."""
     return [

@@ -128,23 +128,6 @@ def release(cluster_app) -> Callable[[int], tuple[int | None, int | None]]:
     return release_stuck
 
 
-@pytest.fixture
-def history() -> Iterator[History]:
-    history = History()
-    yield history
-    history.close()  # before the server stops: idle keep-alive connections would hold it up
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    """Workload threads, stopped at the end whatever happens."""
-    workers = Workers()
-    yield workers
-    workers.stop_event.set()
-    for thread in workers.threads:
-        thread.join(15)
-
-
 # --- A client that also keeps what the harness's does not: error bodies and Retry-After -------
 
 
