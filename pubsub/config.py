@@ -44,5 +44,16 @@ AUTH_ACCESS_TOKEN_EXPIRE_MINUTES = 30
 
 # `flask pubsub cleanup-acked`: acked messages older than this are deleted.
 CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS = 3600
-# `flask pubsub cleanup-stuck`: delivered messages locked longer than this are released.
+# The ack deadline of subscriptions that do not set ack_deadline_seconds (kept within 10-600):
+# a delivery not acked by then is claimed again by the next consume, or released by
+# `flask pubsub cleanup-stuck`. Named after the lock timeout fastpubsub's cleanup job used.
 CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60
+
+# Long-poll consume (wait_seconds): how often waiting consumers look for messages that became
+# claimable without a publish to wake them (a backoff or ack deadline running out, a
+# reprocess, a lost notification), in seconds.
+LONG_POLL_RECHECK_SECONDS = 1
+# Threads of each gunicorn worker kept free of waiting consumers: a worker lets at most
+# API_NUM_THREADS minus this many consumers wait at once (at least one); more are answered at
+# once, as without wait_seconds.
+LONG_POLL_RESERVED_THREADS = 2

@@ -25,16 +25,20 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 
 def message_json(row: tuple, subscription_id: str) -> dict:
-    """A message for the API from an (id, payload, delivery_attempts, created_at) row; its payload
-    is JSON text from PostgreSQL, embedded unparsed."""
-    id, payload, delivery_attempts, created_at = row
-    return {
+    """A message for the API from an (id, payload, delivery_attempts, created_at[, lease]) row;
+    its payload is JSON text from PostgreSQL, embedded unparsed. A delivery (a row with its
+    lease) carries its lease token, ack_id."""
+    id, payload, delivery_attempts, created_at, *lease = row
+    message = {
         "id": id,
         "subscription_id": subscription_id,
         "payload": orjson.Fragment(payload),
         "delivery_attempts": delivery_attempts,
         "created_at": created_at,
     }
+    if lease:
+        message["ack_id"] = f"{id}:{lease[0]}"
+    return message
 
 
 def init_app(app: Flask) -> None:

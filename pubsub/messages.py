@@ -16,84 +16,162 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from pubsub.errors import NotFound
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
+# Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
+NOTIFY_CHANNEL = "pubsub"
+
+# Per-item outcomes of ack, nack and extend (settle_statement).
+DONE, STALE, NOT_FOUND = 0, 1, 2
+
 # The whole batch, fanned out to every subscription whose filter matches, in one INSERT ...
-# SELECT. FOR KEY SHARE keeps a concurrent subscription delete from committing between our read
-# of the subscription and our insert, which would leave orphan messages behind.
+# SELECT. Each message gets one id, shared by its copies. FOR KEY SHARE keeps a concurrent
+# subscription delete from committing between our read of the subscription and our insert,
+# which would leave orphan messages behind; it also makes a long-poll waiter's FOR UPDATE of the
+# subscription (listener.mark_waiting) wait for this statement, or this statement see its mark.
 # Filter: every key's allowed values must contain the payload's field; a missing field gives
 # [null], which no filter contains (null is not an accepted filter value).
-PUBLISH = sa.text(f"""
+# NOTIFY: once per subscription that got a copy and has long-poll consumers waiting.
+PUBLISH_CTES = f"""
 WITH topic AS (
     SELECT id FROM topics WHERE id = :topic_id
 ), subs AS (
-    SELECT id, filter FROM subscriptions WHERE topic_id = :topic_id FOR KEY SHARE
-), inserted AS (
-    INSERT INTO subscription_messages (id, subscription_id, payload, state)
-    SELECT gen_random_uuid(), subs.id, m.payload, {AVAILABLE}
+    SELECT id, filter, coalesce(notify_until > now(), false) AS notify
+    FROM subscriptions WHERE topic_id = :topic_id FOR KEY SHARE
+), published AS MATERIALIZED (
+    SELECT gen_random_uuid() AS id, m.payload, m.n
     FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS m (payload, n)
-    CROSS JOIN subs
+), inserted AS (
+    INSERT INTO subscription_messages (subscription_id, id, payload, state)
+    SELECT subs.id, published.id, published.payload, {AVAILABLE}
+    FROM published CROSS JOIN subs
     WHERE subs.filter IS NULL OR NOT EXISTS (
         SELECT 1 FROM jsonb_each(subs.filter) AS f (key, allowed)
-        WHERE NOT f.allowed @> jsonb_build_array(m.payload -> f.key)
+        WHERE NOT f.allowed @> jsonb_build_array(published.payload -> f.key)
     )
-    ORDER BY m.n, subs.id
-    RETURNING 1
+    ORDER BY published.n, subs.id
+    RETURNING subscription_id, id
+), notified AS (
+    SELECT pg_notify('{NOTIFY_CHANNEL}', subs.id) FROM subs
+    WHERE subs.notify AND EXISTS (SELECT 1 FROM inserted WHERE inserted.subscription_id = subs.id)
 )
-SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM inserted) AS copies
+"""
+
+PUBLISH = sa.text(f"""{PUBLISH_CTES}
+SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM inserted) AS copies,
+       (SELECT count(*) FROM notified) AS notified
+""")
+
+# The same, answering each message's id and how many subscriptions got it, in request order.
+PUBLISH_RECEIPTS = sa.text(f"""{PUBLISH_CTES}
+SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM notified) AS notified,
+       published.id::text AS id, count(inserted.id) AS subscriptions
+FROM published LEFT JOIN inserted ON inserted.id = published.id
+GROUP BY published.n, published.id
+ORDER BY published.n
 """)
 
 # SKIP LOCKED: consumers never wait on each other, and never get the same locked message.
-# `id = ANY(ARRAY(...))` rather than a join to the subquery: with LIMIT as a parameter, a generic
-# plan (psycopg prepares statements after five runs) guesses a tenth of the table and joins it
-# back with a hash join over a full scan; an array of ids is always looked up through the key.
+# Claimable: available messages past their backoff, and delivered ones past their ack deadline
+# (both have it in available_at), expired leases first, each read in claim-index order. The
+# second read only takes what the first left of the batch, so only the rows claimed are locked.
+# An expired lease counts as a failed attempt: with attempts used up, the message goes to the
+# DLQ instead of back to a consumer.
+# `id = ANY(ids)` rather than a join to the subquery: with LIMIT as a parameter, a generic plan
+# (psycopg prepares statements after five runs) guesses a tenth of the table and joins it back
+# with a hash join over a full scan; an array of ids is always looked up through the key.
+EXPIRED = f"(sm.state = {DELIVERED} AND sm.delivery_attempts >= s.max_delivery_attempts)"
 CLAIM = sa.text(f"""
-WITH claimed AS (
-    UPDATE subscription_messages AS sm
-    SET state = {DELIVERED},
-        delivery_attempts = sm.delivery_attempts + 1,
-        locked_by = :consumer_id,
-        locked_at = now()
-    WHERE sm.id = ANY(ARRAY(
+WITH expired AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT id FROM subscription_messages
+        WHERE subscription_id = :subscription_id AND state = {DELIVERED} AND available_at <= now()
+        ORDER BY available_at, seq LIMIT :batch_size FOR UPDATE SKIP LOCKED
+    ) AS ids
+), picked AS MATERIALIZED (
+    SELECT expired.ids || ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {AVAILABLE} AND available_at <= now()
-        ORDER BY available_at, seq
-        LIMIT :batch_size
-        FOR UPDATE SKIP LOCKED
-    ))
+        ORDER BY available_at, seq LIMIT :batch_size - cardinality(expired.ids) FOR UPDATE SKIP LOCKED
+    ) AS ids
+    FROM expired
+), claimed AS (
+    UPDATE subscription_messages AS sm
+    SET state = CASE WHEN {EXPIRED} THEN {DLQ} ELSE {DELIVERED} END,
+        delivery_attempts = CASE WHEN {EXPIRED} THEN sm.delivery_attempts ELSE sm.delivery_attempts + 1 END,
+        available_at = CASE WHEN {EXPIRED} THEN now()
+                            ELSE now() + make_interval(secs => s.ack_deadline_seconds) END,
+        locked_by = CASE WHEN {EXPIRED} THEN NULL ELSE :consumer_id END,
+        locked_at = CASE WHEN {EXPIRED} THEN NULL ELSE now() END,
+        lease = sm.lease + 1
+    FROM picked, subscriptions AS s
+    WHERE sm.subscription_id = :subscription_id AND sm.id = ANY(picked.ids) AND s.id = :subscription_id
     RETURNING sm.id::text AS id, sm.payload::text AS payload, sm.delivery_attempts, sm.created_at,
-              sm.available_at, sm.seq
+              sm.lease, sm.state, array_position(picked.ids, sm.id) AS n
 )
-SELECT id, payload, delivery_attempts, created_at FROM claimed ORDER BY available_at, seq
+SELECT id, payload, delivery_attempts, created_at, lease FROM claimed WHERE state = {DELIVERED} ORDER BY n
 """)
 
-# Acked rows leave the claim table; one log row per statement remembers how many, for metrics.
-ACK = sa.text(f"""
-WITH acked AS (
-    DELETE FROM subscription_messages
-    WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DELIVERED}
-    RETURNING 1
-)
-INSERT INTO acked_messages (subscription_id, count)
-SELECT :subscription_id, count(*) FROM acked HAVING count(*) > 0
-RETURNING count
+
+def settle_statement(action: str, also: str = "") -> sa.TextClause:
+    """Ack, nack or extend: `action` (a DELETE or UPDATE of `sm` joined to `requested`, up to its
+    WHERE) changes the current deliveries named in `requested`; the answer is each requested
+    item's outcome, in request order. `also` adds CTEs after `done`.
+
+    A request item is a message id (lease NULL: whatever delivery is current) or a lease token
+    (only that delivery). Outcomes: 0 done, 1 stale (the message is here but that delivery is
+    not current), 2 not found."""
+    return sa.text(f"""
+WITH requested AS MATERIALIZED (
+    SELECT r.id, r.lease, r.n
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:leases AS integer[])) WITH ORDINALITY AS r (id, lease, n)
+), done AS (
+    {action}
+    WHERE sm.subscription_id = :subscription_id AND sm.id = requested.id AND sm.state = {DELIVERED}
+      AND (requested.lease IS NULL OR sm.lease = requested.lease)
+    RETURNING sm.id, sm.lease
+){also}
+SELECT CASE
+    WHEN done.id IS NOT NULL THEN {DONE}
+    WHEN EXISTS (SELECT 1 FROM subscription_messages AS sm
+                 WHERE sm.subscription_id = :subscription_id AND sm.id = requested.id) THEN {STALE}
+    ELSE {NOT_FOUND}
+END AS outcome
+FROM requested
+LEFT JOIN done ON done.id = requested.id AND (requested.lease IS NULL OR done.lease = requested.lease)
+ORDER BY requested.n
 """)
+
+
+# Acked rows leave the claim table; one log row per statement remembers how many, for metrics.
+ACK = settle_statement(
+    "DELETE FROM subscription_messages AS sm USING requested",
+    """, logged AS (
+    INSERT INTO acked_messages (subscription_id, count)
+    SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
+)""",
+)
 
 # Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
 BACKOFF_SECONDS = "LEAST(s.backoff_max_seconds, s.backoff_min_seconds * power(2, sm.delivery_attempts - 1))"
+EXHAUSTED = "sm.delivery_attempts >= s.max_delivery_attempts"
 
-# Retry after the backoff, or dead-letter once attempts are used up.
-NACK = sa.text(f"""
-UPDATE subscription_messages AS sm
-SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ} ELSE {AVAILABLE} END,
-    available_at = CASE
-        WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN now()
-        ELSE now() + make_interval(secs => {BACKOFF_SECONDS})
-    END,
-    locked_by = NULL,
-    locked_at = NULL
-FROM subscriptions AS s
-WHERE s.id = sm.subscription_id
-  AND sm.subscription_id = :subscription_id AND sm.id = ANY(CAST(:ids AS uuid[])) AND sm.state = {DELIVERED}
-""")
+# Retry after the backoff (or the caller's delay), or dead-letter once attempts are used up.
+# The subscription is joined through its key: `s.id = sm.subscription_id`, with sm pinned to
+# :subscription_id by the shared WHERE.
+NACK = settle_statement(f"""UPDATE subscription_messages AS sm
+    SET state = CASE WHEN {EXHAUSTED} THEN {DLQ} ELSE {AVAILABLE} END,
+        available_at = CASE
+            WHEN {EXHAUSTED} THEN now()
+            ELSE now() + make_interval(secs => coalesce(CAST(:delay_seconds AS integer), {BACKOFF_SECONDS}))
+        END,
+        locked_by = NULL,
+        locked_at = NULL
+    FROM requested JOIN subscriptions AS s ON s.id = :subscription_id""")
+
+# A new deadline, now + seconds (the subscription's ack deadline unless the caller says).
+EXTEND = settle_statement("""UPDATE subscription_messages AS sm
+    SET available_at = now()
+        + make_interval(secs => coalesce(CAST(:seconds AS integer), s.ack_deadline_seconds))
+    FROM requested JOIN subscriptions AS s ON s.id = :subscription_id""")
 
 REPROCESS = sa.text(f"""
 UPDATE subscription_messages
@@ -109,18 +187,21 @@ ORDER BY available_at, seq
 OFFSET :offset LIMIT :limit
 """)
 
-# A lock older than the timeout means the consumer died: release the message, or dead-letter it
-# when its attempts are used up, so a consumer that always crashes cannot loop forever.
+# A delivery past its ack deadline means the consumer died or gave up: release the message, or
+# dead-letter it when its attempts are used up, so a consumer that always crashes cannot loop
+# forever. A lock timeout, when given, also releases locks older than that (deadlines extended).
+# The next consume claims expired leases itself, so this only tidies the metrics.
 RELEASE_STUCK = sa.text(f"""
 WITH released AS (
     UPDATE subscription_messages AS sm
-    SET state = CASE WHEN sm.delivery_attempts >= s.max_delivery_attempts THEN {DLQ} ELSE {AVAILABLE} END,
+    SET state = CASE WHEN {EXHAUSTED} THEN {DLQ} ELSE {AVAILABLE} END,
         available_at = now(),
         locked_by = NULL,
         locked_at = NULL
     FROM subscriptions AS s
-    WHERE s.id = sm.subscription_id
-      AND sm.state = {DELIVERED} AND sm.locked_at < now() - make_interval(secs => :lock_timeout)
+    WHERE s.id = sm.subscription_id AND sm.state = {DELIVERED}
+      AND (sm.available_at <= now()
+           OR sm.locked_at < now() - make_interval(secs => CAST(:lock_timeout AS integer)))
     RETURNING sm.state
 )
 SELECT count(*) FILTER (WHERE state = {AVAILABLE}) AS released,
@@ -154,7 +235,17 @@ SUBSCRIPTION_EXISTS = sa.text("SELECT 1 FROM subscriptions WHERE id = :subscript
 
 _DRIVER_SQL = {
     statement: driver_sql(statement)
-    for statement in (PUBLISH, CLAIM, ACK, NACK, REPROCESS, LIST_DLQ, SUBSCRIPTION_EXISTS)
+    for statement in (
+        PUBLISH,
+        PUBLISH_RECEIPTS,
+        CLAIM,
+        ACK,
+        NACK,
+        EXTEND,
+        REPROCESS,
+        LIST_DLQ,
+        SUBSCRIPTION_EXISTS,
+    )
 }
 
 
@@ -178,15 +269,26 @@ def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
 
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
-    topics, copies = run(conn, PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).fetchone()
+    topics, copies, _ = run(conn, PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).fetchone()
     if topics == 0:
         raise NotFound(f"topic {topic_id!r} not found")
     return copies
 
 
+def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str) -> list[tuple[str, int]]:
+    """Publish as publish() does; returns each message's (id, subscriptions that got a copy), in
+    request order."""
+    rows = run(conn, PUBLISH_RECEIPTS, {"topic_id": topic_id, "payloads": payloads_json}).fetchall()
+    if not rows:  # an empty batch: nothing to answer, but the topic must exist
+        publish(conn, topic_id, payloads_json)
+    elif rows[0][0] == 0:
+        raise NotFound(f"topic {topic_id!r} not found")
+    return [(id, subscriptions) for _, _, id, subscriptions in rows]
+
+
 def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_size: int) -> list:
-    """Lock up to batch_size available messages for consumer_id: (id, payload as JSON text,
-    delivery_attempts, created_at) tuples."""
+    """Lease up to batch_size claimable messages to consumer_id: (id, payload as JSON text,
+    delivery_attempts, created_at, lease) tuples."""
     params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
     rows = run(conn, CLAIM, params).fetchall()
     if not rows:
@@ -194,21 +296,47 @@ def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_s
     return rows
 
 
-def ack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
-    """Acknowledge delivered messages; ids that are not delivered to this subscription are ignored."""
-    row = run(conn, ACK, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).fetchone()
-    if row is None:
-        ensure_subscription(conn, subscription_id)
-        return 0
-    return row[0]
+# A reference to a delivered message: its id (the current delivery, whichever it is) or a lease
+# token's (id, lease) (that delivery only).
+MessageRef = tuple[str, int | None]
 
 
-def nack(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
-    """Return delivered messages for a retry after backoff, or to the DLQ when attempts are used up."""
-    count = run(conn, NACK, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).rowcount
-    if not count:
+def lease_array(refs: Sequence[MessageRef]) -> str | None:
+    """The leases as one integer[] literal (NULL for plain ids); None when every ref is an id."""
+    if all(lease is None for _, lease in refs):
+        return None
+    return "{" + ",".join("NULL" if lease is None else str(lease) for _, lease in refs) + "}"
+
+
+def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, refs, **params) -> list[int]:
+    """Run ack, nack or extend; returns each ref's outcome (DONE, STALE or NOT_FOUND)."""
+    params.update(
+        subscription_id=subscription_id, ids=uuid_array([id for id, _ in refs]), leases=lease_array(refs)
+    )
+    outcomes = [outcome for (outcome,) in run(conn, statement, params)]
+    if DONE not in outcomes:
         ensure_subscription(conn, subscription_id)
-    return count
+    return outcomes
+
+
+def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -> list[int]:
+    """Acknowledge current deliveries; anything else named is left alone (STALE, NOT_FOUND)."""
+    return settle(conn, ACK, subscription_id, refs)
+
+
+def nack(
+    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], delay_seconds: int | None = None
+) -> list[int]:
+    """Return current deliveries for a retry after the backoff (or delay_seconds), or to the DLQ
+    when their attempts are used up."""
+    return settle(conn, NACK, subscription_id, refs, delay_seconds=delay_seconds)
+
+
+def extend(
+    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], seconds: int | None = None
+) -> list[int]:
+    """Move the ack deadline of current deliveries to now + seconds (default: the subscription's)."""
+    return settle(conn, EXTEND, subscription_id, refs, seconds=seconds)
 
 
 def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
@@ -228,8 +356,9 @@ def list_dlq(conn: sa.Connection, subscription_id: str, offset: int, limit: int)
     return rows
 
 
-def release_stuck(conn: sa.Connection, lock_timeout_seconds: int) -> tuple[int, int]:
-    """Release messages locked longer than the timeout; returns (released, dead-lettered)."""
+def release_stuck(conn: sa.Connection, lock_timeout_seconds: int | None = None) -> tuple[int, int]:
+    """Release deliveries past their ack deadline (or locked longer than the timeout, if given);
+    returns (released, dead-lettered)."""
     row = conn.execute(RELEASE_STUCK, {"lock_timeout": lock_timeout_seconds}).one()
     return row.released, row.dead_lettered
 

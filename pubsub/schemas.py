@@ -9,6 +9,7 @@ from marshmallow import fields, validate
 
 from pubsub.clients import SCOPES_PATTERN, normalize_scopes
 from pubsub.errors import InvalidInput
+from pubsub.tables import MAX_ACK_DEADLINE_SECONDS, MIN_ACK_DEADLINE_SECONDS
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"  # as documented (ECMA-262: $ is the very end)
 # Checked with \Z: Python's $ also matches before a final newline, which let "orders\n" in.
@@ -19,6 +20,16 @@ MAX_BATCH_IDS = 1000
 MAX_PUBLISH_BATCH = 1000
 MAX_DELIVERY_ATTEMPTS = 1000
 MAX_BACKOFF_SECONDS = 7 * 24 * 3600
+MAX_WAIT_SECONDS = 20
+UUID_PATTERN = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+
+# Additions to the fastpubsub API are marked so in the OpenAPI document and its descriptions.
+EXTENSION = "Extension to the fastpubsub API."
+
+
+def extension(description: str) -> dict:
+    """Field metadata for an addition to the fastpubsub API."""
+    return {"description": f"{description} ({EXTENSION})", "x-pubsub-extension": True}
 
 
 def resource_id(**kwargs) -> fields.String:
@@ -107,6 +118,15 @@ class SubscriptionCreateSchema(ma.Schema):
     backoff_max_seconds = fields.Integer(
         strict=True, allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
     )
+    ack_deadline_seconds = fields.Integer(
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(min=MIN_ACK_DEADLINE_SECONDS, max=MAX_ACK_DEADLINE_SECONDS),
+        metadata=extension(
+            "Seconds a consumer has to ack a delivery before the next consume may claim it again"
+            " (default: CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS, within 10-600)"
+        ),
+    )
 
     @ma.post_load
     def apply_defaults(self, data, **kwargs):
@@ -118,9 +138,17 @@ class SubscriptionCreateSchema(ma.Schema):
         ):
             if data.get(field) is None:
                 data[field] = config[setting]
+        if data.get("ack_deadline_seconds") is None:
+            data["ack_deadline_seconds"] = default_ack_deadline(config)
         if data["backoff_min_seconds"] > data["backoff_max_seconds"]:
             raise ma.ValidationError("must not exceed backoff_max_seconds", field_name="backoff_min_seconds")
         return data
+
+
+def default_ack_deadline(config) -> int:
+    """The lock timeout cleanup-stuck used before deadlines existed, within the allowed range."""
+    timeout = config["CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS"]
+    return min(MAX_ACK_DEADLINE_SECONDS, max(MIN_ACK_DEADLINE_SECONDS, timeout))
 
 
 class SubscriptionSchema(ma.Schema):
@@ -131,6 +159,7 @@ class SubscriptionSchema(ma.Schema):
     backoff_min_seconds = fields.Integer()
     backoff_max_seconds = fields.Integer()
     created_at = fields.DateTime()
+    ack_deadline_seconds = fields.Integer(metadata=extension("Seconds a consumer has to ack a delivery"))
 
 
 class SubscriptionListSchema(ma.Schema):
@@ -146,14 +175,42 @@ class ConsumeQuerySchema(ma.Schema):
         ],
     )
     batch_size = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+    wait_seconds = fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0, max=MAX_WAIT_SECONDS),
+        metadata=extension(
+            "Long poll: with nothing to deliver, wait up to this many seconds for messages"
+            " and answer as soon as some arrive (an empty list when the wait ends)"
+        ),
+    )
+
+
+class NackQuerySchema(ma.Schema):
+    delay_seconds = fields.Integer(
+        validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS),
+        metadata=extension("Retry after this many seconds instead of the backoff (0: at once)"),
+    )
+
+
+class ExtendQuerySchema(ma.Schema):
+    seconds = fields.Integer(
+        validate=validate.Range(min=1, max=MAX_ACK_DEADLINE_SECONDS),
+        metadata={"description": "New deadline: now plus this many seconds (default: the subscription's)"},
+    )
 
 
 class MessageSchema(ma.Schema):
-    id = fields.UUID()
+    id = fields.UUID(metadata={"description": "The published message's id, the same in every subscription"})
     subscription_id = fields.String()
     payload = fields.Dict(metadata={"description": "The JSON object as published"})
     delivery_attempts = fields.Integer()
     created_at = fields.DateTime()
+    ack_id = fields.String(
+        metadata=extension(
+            "Lease token of this delivery: acks, nacks and extensions that send it act only while"
+            " this delivery is the current one (absent from DLQ listings)"
+        )
+    )
 
 
 class MessageListSchema(ma.Schema):
@@ -168,6 +225,30 @@ class SubscriptionMetricsSchema(ma.Schema):
     dlq = fields.Integer(metadata={"description": "Dead letters"})
 
 
+class OutcomeSchema(ma.Schema):
+    id = fields.String(metadata={"description": "The message id or ack_id, as sent"})
+    status = fields.String(
+        metadata={
+            "description": "What happened: acked, nacked or extended; stale (that delivery is no longer"
+            " the current one); not_found (no such message in the subscription)",
+            "enum": ["acked", "nacked", "extended", "stale", "not_found"],
+        }
+    )
+
+
+class OutcomeListSchema(ma.Schema):
+    data = fields.List(fields.Nested(OutcomeSchema))
+
+
+class ReceiptSchema(ma.Schema):
+    id = fields.UUID(metadata={"description": "The message's id, as every subscription will deliver it"})
+    subscriptions = fields.Integer(metadata={"description": "How many subscriptions got a copy"})
+
+
+class ReceiptListSchema(ma.Schema):
+    data = fields.List(fields.Nested(ReceiptSchema))
+
+
 class StatusSchema(ma.Schema):
     status = fields.String()
 
@@ -176,7 +257,16 @@ class StatusSchema(ma.Schema):
 # by blueprints.load_json_array and documented with the OpenAPI fragments below.
 MESSAGE_IDS_BODY = {
     "type": "array",
-    "items": {"type": "string", "format": "uuid"},
+    "items": {
+        "anyOf": [
+            {"type": "string", "format": "uuid", "description": "A message id: its current delivery"},
+            {
+                "type": "string",
+                "pattern": f"^{UUID_PATTERN}:[0-9]{{1,9}}$",
+                "description": f"An ack_id: that delivery only ({EXTENSION})",
+            },
+        ]
+    },
     "maxItems": MAX_BATCH_IDS,
 }
 PUBLISH_BODY = {

@@ -72,6 +72,8 @@ def check_config(config: dict[str, Any]) -> None:
         "AUTH_ACCESS_TOKEN_EXPIRE_MINUTES": 1,
         "CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS": 0,
         "CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS": 1,
+        "LONG_POLL_RECHECK_SECONDS": 1,
+        "LONG_POLL_RESERVED_THREADS": 0,
     }
     for name, low in at_least.items():
         value = config[name]

@@ -22,6 +22,7 @@ SUBSCRIPTION_COLUMNS = (
     subscriptions.c.backoff_min_seconds,
     subscriptions.c.backoff_max_seconds,
     subscriptions.c.created_at,
+    subscriptions.c.ack_deadline_seconds,
 )
 
 
@@ -33,6 +34,7 @@ def create_subscription(
     max_delivery_attempts: int,
     backoff_min_seconds: int,
     backoff_max_seconds: int,
+    ack_deadline_seconds: int,
 ) -> dict:
     # INSERT ... SELECT from topics: a missing topic inserts nothing instead of raising.
     source = sa.select(
@@ -42,6 +44,7 @@ def create_subscription(
         sa.literal(max_delivery_attempts),
         sa.literal(backoff_min_seconds),
         sa.literal(backoff_max_seconds),
+        sa.literal(ack_deadline_seconds),
     ).where(topics.c.id == topic_id)
     stmt = (
         insert(subscriptions)
@@ -53,6 +56,7 @@ def create_subscription(
                 "max_delivery_attempts",
                 "backoff_min_seconds",
                 "backoff_max_seconds",
+                "ack_deadline_seconds",
             ],
             source,
         )
@@ -95,6 +99,24 @@ def delete_subscription(conn: sa.Connection, subscription_id: str) -> None:
     conn.execute(sa.delete(acked_messages).where(acked_messages.c.subscription_id == subscription_id))
 
 
+def mark_waiting(conn: sa.Connection, subscription_id: str, seconds: int) -> None:
+    """Have publishes NOTIFY this subscription for the next `seconds` (pubsub.listener).
+
+    FOR UPDATE conflicts with the FOR KEY SHARE each publish takes on the subscriptions it
+    writes to, so this waits for publishes in flight, and publishes that start meanwhile wait
+    for us and then see the mark: none can slip between a waiter's mark and its claim unseen."""
+    locked = sa.select(subscriptions.c.id).where(subscriptions.c.id == subscription_id).with_for_update()
+    conn.execute(
+        sa.update(subscriptions)
+        .where(subscriptions.c.id == locked.scalar_subquery())
+        .values(
+            notify_until=sa.func.greatest(
+                subscriptions.c.notify_until, sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+            )
+        )
+    )
+
+
 def count_messages(state: int, subscription_id: str) -> sa.ScalarSelect:
     return (
         sa.select(sa.func.count())
@@ -124,3 +146,4 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     if row is None:
         raise NotFound(f"subscription {subscription_id!r} not found")
     return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}
+

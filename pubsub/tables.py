@@ -38,6 +38,9 @@ AVAILABLE = 0
 DELIVERED = 1
 DLQ = 2
 
+MIN_ACK_DEADLINE_SECONDS = 10
+MAX_ACK_DEADLINE_SECONDS = 600
+
 topics = sa.Table(
     "topics",
     metadata,
@@ -62,26 +65,42 @@ subscriptions = sa.Table(
     sa.Column("backoff_min_seconds", sa.Integer, nullable=False),
     sa.Column("backoff_max_seconds", sa.Integer, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # How long a consumer has to ack a delivery before it is claimable again (an extension).
+    sa.Column("ack_deadline_seconds", sa.Integer, nullable=False),
+    # Until then some process has long-poll consumers waiting on this subscription, so publishes
+    # NOTIFY it. Kept off otherwise: a NOTIFY serializes commits (a database-wide lock at commit)
+    # and halves single-message publish throughput.
+    sa.Column("notify_until", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("backoff_min_seconds <= backoff_max_seconds", name="backoff_range"),
+    sa.CheckConstraint(
+        f"ack_deadline_seconds BETWEEN {MIN_ACK_DEADLINE_SECONDS} AND {MAX_ACK_DEADLINE_SECONDS}",
+        name="ack_deadline_range",
+    ),
 )
 
 subscription_messages = sa.Table(
     "subscription_messages",
     metadata,
+    sa.Column("subscription_id", sa.Text, primary_key=True),
+    # One id per published message, shared by its copies in every subscription.
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     # Publish order, for ties in available_at and a stable total order in DLQ listings.
     sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
-    sa.Column("subscription_id", sa.Text, nullable=False),
     sa.Column("payload", JSONB, nullable=False),
     sa.Column("state", sa.SmallInteger, nullable=False, server_default=sa.text(str(AVAILABLE))),
     sa.Column("delivery_attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
-    # When an available message may next be delivered; for a dead letter, when it died.
+    # When the row is next claimable: for an available message, when its backoff ends; for a
+    # delivered one, its ack deadline (an expired lease is claimed again by the next consume);
+    # for a dead letter, when it died.
     sa.Column("available_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("locked_by", sa.Text, nullable=True),
     sa.Column("locked_at", sa.DateTime(timezone=True), nullable=True),
+    # Numbers the deliveries of this copy: a lease token (ack_id) names one, so an ack from a
+    # consumer whose lease expired cannot settle the message's next delivery.
+    sa.Column("lease", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.CheckConstraint(f"state IN ({AVAILABLE}, {DELIVERED}, {DLQ})", name="state"),
-    # Claim: WHERE subscription_id = ? AND state = 0 AND available_at <= now()
+    # Claim: WHERE subscription_id = ? AND state IN (0, 1) AND available_at <= now()
     # ORDER BY available_at, seq. Also serves the metrics counts and the DLQ listing.
     sa.Index("ix_subscription_messages_claim", "subscription_id", "state", "available_at", "seq"),
     # cleanup-stuck finds expired locks across all subscriptions without scanning the backlog.

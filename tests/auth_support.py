@@ -53,7 +53,7 @@ def world(app) -> str:
     with app.app_context(), db.begin() as conn:
         for topic, subscription in (("orders", "email-sender"), ("payments", "sms-sender")):
             topics.create_topic(conn, topic)
-            subscriptions.create_subscription(conn, subscription, topic, None, 5, 5, 300)
+            subscriptions.create_subscription(conn, subscription, topic, None, 5, 5, 300, 60)
             messages.publish(conn, topic, json.dumps([{"topic": topic}]))
         client_id, _ = clients.create_client(conn, "target", "topics:read")
     return str(client_id)
@@ -144,6 +144,7 @@ ENDPOINTS = [
     Endpoint("GET", "/subscriptions/{id}/messages", CONSUME, 200, query={"consumer_id": "worker-1"}),
     Endpoint("POST", "/subscriptions/{id}/acks", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("POST", "/subscriptions/{id}/nacks", CONSUME, 204, [SOME_MESSAGE_ID]),
+    Endpoint("POST", "/subscriptions/{id}/extend", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("GET", "/subscriptions/{id}/dlq", MONITOR, 200),
     Endpoint("POST", "/subscriptions/{id}/dlq/reprocess", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("GET", "/subscriptions/{id}/metrics", MONITOR, 200),

@@ -58,9 +58,9 @@ COLLECTION_ENDPOINTS = [e for e in ENDPOINTS if e.resource in OBJECTS and "{id}"
 CLIENT_OBJECT_ENDPOINTS = [e for e in ENDPOINTS if e.resource == "clients" and "{id}" in e.path]
 
 
-def test_the_matrix_has_the_twenty_protected_operations():
-    assert len(ENDPOINTS) == 20
-    assert len(OBJECT_ENDPOINTS) == 11 and len(COLLECTION_ENDPOINTS) == 4
+def test_the_matrix_has_the_twenty_one_protected_operations():
+    assert len(ENDPOINTS) == 21
+    assert len(OBJECT_ENDPOINTS) == 12 and len(COLLECTION_ENDPOINTS) == 4
 
 
 @pytest.mark.parametrize(("endpoint", "scope"), cases(ENDPOINTS))
@@ -145,7 +145,7 @@ def test_read_monitors_a_subscription_but_does_not_consume_it(auth_client, token
     assert auth_client.get(f"{base}/dlq", headers=headers).status_code == 200
     assert auth_client.get(f"{base}", headers=headers).status_code == 200
     assert_forbidden(auth_client.get(f"{base}/messages?consumer_id=w", headers=headers))
-    for action in ("acks", "nacks", "dlq/reprocess"):
+    for action in ("acks", "nacks", "extend", "dlq/reprocess"):
         assert_forbidden(auth_client.post(f"{base}/{action}", json=[], headers=headers))
 
 

@@ -130,7 +130,7 @@ def ensure_world(app) -> None:
         with contextlib.suppress(AlreadyExists):
             topics.create_topic(conn, TOPIC)
         with contextlib.suppress(AlreadyExists):
-            subscriptions.create_subscription(conn, SUBSCRIPTION, TOPIC, None, 1, 5, 300)
+            subscriptions.create_subscription(conn, SUBSCRIPTION, TOPIC, None, 1, 5, 300, 60)
         try:
             clients.get_client(conn, uuid.UUID(TARGETS["clients"]))
         except NotFound:

@@ -696,7 +696,7 @@ def test_a_topic_deleted_while_a_subscription_is_being_created_leaves_no_orphan_
 
     with engine.connect() as in_flight:
         # A subscription being created: the view's own call, paused before its commit.
-        create_subscription(in_flight, "slow", "doomed", None, 5, 1, 2)
+        create_subscription(in_flight, "slow", "doomed", None, 5, 1, 2, 60)
         deleting = workers.start("delete", delete_topic)
         assert wait_for_lock_wait(engine), "the topic's DELETE did not wait for the creation in flight"
         late = workers.start("late", create_and_publish)

@@ -40,22 +40,23 @@ class Queues:
 
 @pytest.fixture
 def queues(app, engine) -> Queues:
-    """Topic orders with subscriptions sub and other, each holding one message in every state
+    """Topics orders and returns with subscriptions sub and other, each holding one message in every state
     (acked, dlq, delivered, available); topic payments with a subscription filtered to one of its
     two messages; and an API client. Arranged through the domain functions, in one transaction."""
     ids: dict[str, dict[str, str]] = {}
     with app.app_context(), db.begin() as conn:
-        topics.create_topic(conn, "orders")
+        # sub and other on topics of their own: copies of one message share its id.
+        for topic, subscription in (("orders", "sub"), ("returns", "other")):
+            topics.create_topic(conn, topic)
+            subscriptions.create_subscription(conn, subscription, topic, None, 1, 0, 0, 60)
+            messages.publish(conn, topic, json.dumps([{"n": n} for n in range(4)]))
         topics.create_topic(conn, "payments")
-        for subscription in ("sub", "other"):
-            subscriptions.create_subscription(conn, subscription, "orders", None, 1, 0, 0)
-        subscriptions.create_subscription(conn, "filtered", "payments", {"country": ["BR"]}, 5, 5, 300)
-        messages.publish(conn, "orders", json.dumps([{"n": n} for n in range(4)]))
+        subscriptions.create_subscription(conn, "filtered", "payments", {"country": ["BR"]}, 5, 5, 300, 60)
         messages.publish(conn, "payments", json.dumps([{"country": "BR"}, {"country": "US"}]))
         for subscription in ("sub", "other"):
             acked, dead, delivered = (row[0] for row in messages.consume(conn, subscription, "worker", 3))
-            messages.ack(conn, subscription, [acked])
-            messages.nack(conn, subscription, [dead])
+            messages.ack(conn, subscription, [(acked, None)])
+            messages.nack(conn, subscription, [(dead, None)])
             ids[subscription] = {"acked": acked, "dlq": dead, "delivered": delivered}
         for subscription, message_id in conn.execute(
             sa.text("SELECT subscription_id, id::text FROM subscription_messages WHERE state = :a"),

@@ -1,4 +1,4 @@
-"""Query plans of the hot path at 100k+ rows: claim, ack, nack and metrics never read the messages
+"""Query plans of the hot path at 100k+ rows: claim, ack, nack, extend and metrics never read the messages
 table or the ack log sequentially, neither in a custom plan nor in the generic plan PostgreSQL may
 switch to once psycopg prepares a statement server-side (from its 5th execution on a connection).
 A generic plan is made without the parameter values, so it cannot use the subscription's
@@ -112,7 +112,7 @@ def backlog(app, database_url: str) -> Backlog:
             topics.create_topic(conn, topic_id)
         for subscription_id in (HOT, COLD, QUIET, *OTHERS):
             topic_id = subscription_id.split("-")[0]
-            subscriptions.create_subscription(conn, subscription_id, topic_id, None, 5, 5, 300)
+            subscriptions.create_subscription(conn, subscription_id, topic_id, None, 5, 5, 300, 60)
         conn.execute(sa.text("SELECT setseed(0.5)"))  # the same timestamps, hence statistics, every run
         blocks = [dict(zip(FIELDS, block, strict=True)) for block in MESSAGES]
         conn.execute(FILL_MESSAGES, {"blocks": json.dumps(blocks)})
@@ -144,18 +144,23 @@ def claim_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executab
     return messages.CLAIM, {"subscription_id": subscription_id, "consumer_id": "worker-1", "batch_size": 10}
 
 
+def settle_params(backlog: Backlog, subscription_id: str, **params) -> dict:
+    """Half the ids as plain message ids, half as lease tokens (the first delivery's)."""
+    ids = backlog.delivered_ids[subscription_id]
+    leases = "{" + ",".join("NULL" if n % 2 else "1" for n in range(len(ids))) + "}"
+    return {"subscription_id": subscription_id, "ids": messages.uuid_array(ids), "leases": leases, **params}
+
+
 def ack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
-    return messages.ACK, {
-        "subscription_id": subscription_id,
-        "ids": messages.uuid_array(backlog.delivered_ids[subscription_id]),
-    }
+    return messages.ACK, settle_params(backlog, subscription_id)
 
 
 def nack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
-    return messages.NACK, {
-        "subscription_id": subscription_id,
-        "ids": messages.uuid_array(backlog.delivered_ids[subscription_id]),
-    }
+    return messages.NACK, settle_params(backlog, subscription_id, delay_seconds=None)
+
+
+def extend_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    return messages.EXTEND, settle_params(backlog, subscription_id, seconds=30)
 
 
 def metrics_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
@@ -177,12 +182,15 @@ HOT_PATH: dict[str, Callable[[Backlog, str], tuple[sa.Executable, dict]]] = {
     "claim": claim_statement,
     "ack": ack_statement,
     "nack": nack_statement,
+    "extend": extend_statement,
     "metrics": metrics_statement,
 }
 
 
 def driver_type(adapters: AdaptersMap, value) -> str:
     """The type psycopg sends a parameter as; a str goes as unknown, for the server to infer."""
+    if value is None:
+        return "unknown"
     oid = adapters.get_dumper(type(value), PyFormat.AUTO)(type(value)).upgrade(value, PyFormat.AUTO).oid
     if not oid:
         return "unknown"

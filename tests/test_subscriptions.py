@@ -18,6 +18,7 @@ def test_create_subscription_applies_configured_defaults(orders, client):
         "max_delivery_attempts": 5,
         "backoff_min_seconds": 5,
         "backoff_max_seconds": 300,
+        "ack_deadline_seconds": 60,
     }
 
 

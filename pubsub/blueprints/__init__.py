@@ -14,8 +14,9 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
+from pubsub.encoding import json_response
 from pubsub.errors import ValidationFailed
-from pubsub.schemas import ErrorSchema
+from pubsub.schemas import EXTENSION, UUID_PATTERN, ErrorSchema
 
 
 def request_body() -> bytes:
@@ -103,6 +104,30 @@ class Blueprint(flask_smorest.Blueprint):
         return apply
 
 
+PREFER_HEADER = {
+    "in": "header",
+    "name": "Prefer",
+    "required": False,
+    "schema": {"type": "string", "enum": ["return=representation"]},
+    "description": f"return=representation: answer with the result instead of 204. {EXTENSION}",
+}
+
+
+def wants_representation() -> bool:
+    """RFC 7240 `Prefer: return=representation`: the caller asks for a result body."""
+    prefer = request.headers.get("Prefer")
+    if not prefer:
+        return False
+    preferences = (part.split(";")[0].strip().lower() for part in prefer.split(","))
+    return "return=representation" in preferences
+
+
+def representation(body: dict, status: int = 200) -> Response:
+    response = json_response(body, status)
+    response.headers["Preference-Applied"] = "return=representation"
+    return response
+
+
 def read_json_body() -> tuple[Any, bytes]:
     """The parsed body and its raw bytes. Malformed JSON (or not UTF-8, NaN, nesting past 1024
     levels) is a 400; a body that is not declared as JSON is a 415."""
@@ -142,7 +167,7 @@ def item_problems(body: list, item: Callable[[Any], Any]) -> dict[str, list[str]
 
 
 _UUID = ma.fields.UUID()
-CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+CANONICAL_UUID = re.compile(UUID_PATTERN)
 
 
 def message_id(value: Any) -> str:
@@ -152,6 +177,19 @@ def message_id(value: Any) -> str:
     if isinstance(value, str) and CANONICAL_UUID.fullmatch(value):
         return value
     return str(_UUID.deserialize(value))
+
+
+LEASE_TOKEN = re.compile(f"({UUID_PATTERN}):([0-9]{{1,9}})")
+
+
+def message_ref(value: Any) -> tuple[str, int | None]:
+    """A message id (its current delivery) or a lease token, "<id>:<lease>" (that delivery)."""
+    try:
+        if isinstance(value, str) and (token := LEASE_TOKEN.fullmatch(value)):
+            return message_id(token[1]), int(token[2])
+        return message_id(value), None
+    except ma.ValidationError:
+        raise ma.ValidationError("must be a message id (a UUID) or an ack_id") from None
 
 
 def json_object(value: Any) -> Any:

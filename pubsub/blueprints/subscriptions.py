@@ -1,17 +1,32 @@
 """Subscriptions: their lifecycle, consuming, acks, nacks, the DLQ and metrics."""
 
+import time
+
+from flask import current_app
 from flask.views import MethodView
 
-from pubsub import db, messages, subscriptions
+from pubsub import db, listener, messages, subscriptions
 from pubsub.auth import require_scope
-from pubsub.blueprints import Blueprint, load_json_array, message_id
+from pubsub.blueprints import (
+    PREFER_HEADER,
+    Blueprint,
+    load_json_array,
+    message_id,
+    message_ref,
+    representation,
+    wants_representation,
+)
 from pubsub.encoding import json_response, message_json
 from pubsub.schemas import (
+    EXTENSION,
     MAX_BATCH_IDS,
     MESSAGE_IDS_BODY,
     ConsumeQuerySchema,
     ErrorSchema,
+    ExtendQuerySchema,
     MessageListSchema,
+    NackQuerySchema,
+    OutcomeListSchema,
     PaginationSchema,
     SubscriptionCreateSchema,
     SubscriptionListSchema,
@@ -26,18 +41,70 @@ blp = Blueprint(
 NOT_FOUND = {"schema": ErrorSchema, "description": "Subscription not found"}
 
 
-def document_ids_body(func):
-    """Document a bare JSON array of message ids (read by load_message_ids)."""
-    func = blp.doc(
-        requestBody={"required": True, "content": {"application/json": {"schema": MESSAGE_IDS_BODY}}}
-    )(func)
+def document_ids_body(func, outcomes: bool = False):
+    """Document a bare JSON array of message ids (read by load_message_ids), or of message ids
+    and ack_ids with per-item outcomes on request (read by load_message_refs)."""
+    doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": MESSAGE_IDS_BODY}}}}
+    if outcomes:
+        doc["parameters"] = [PREFER_HEADER]
+        func = blp.alt_response(
+            200,
+            schema=OutcomeListSchema,
+            description="With `Prefer: return=representation`: each item's outcome, in request order."
+            f" {EXTENSION}",
+        )(func)
+    else:
+        doc["requestBody"]["content"]["application/json"]["schema"] = {
+            **MESSAGE_IDS_BODY,
+            "items": {"type": "string", "format": "uuid"},
+        }
+    func = blp.doc(**doc)(func)
     func = blp.alt_response(400, schema=ErrorSchema, description="Malformed JSON")(func)
     func = blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")(func)
-    return blp.alt_response(422, schema=ErrorSchema, description="Not an array of at most 1000 UUIDs")(func)
+    return blp.alt_response(422, schema=ErrorSchema, description="Not an array of at most 1000 ids")(func)
+
+
+def document_refs_body(func):
+    return document_ids_body(func, outcomes=True)
 
 
 def load_message_ids() -> list:
     return load_json_array(MAX_BATCH_IDS, message_id)[0]
+
+
+def load_message_refs() -> list:
+    return load_json_array(MAX_BATCH_IDS, message_ref)[0]
+
+
+def settled(refs: list, outcomes: list[int], done: str):
+    """204, or with `Prefer: return=representation` each item's outcome, in request order."""
+    if not wants_representation():
+        return None
+    names = {messages.DONE: done, messages.STALE: "stale", messages.NOT_FOUND: "not_found"}
+    items = [
+        {"id": id if lease is None else f"{id}:{lease}", "status": names[outcome]}
+        for (id, lease), outcome in zip(refs, outcomes, strict=True)
+    ]
+    return representation({"data": items})
+
+
+def consume(subscription_id: str, query: dict) -> list:
+    with db.connect() as conn:
+        return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"])
+
+
+def consume_waiting(subscription_id: str, query: dict) -> list:
+    """Long poll: claim again each time the listener says messages may be there, until some
+    are or the wait is over. No database connection is held while waiting."""
+    deadline = time.monotonic() + query["wait_seconds"]
+    with listener.get_listener(current_app).wait_on(subscription_id) as wake:
+        while wake is not None:  # None: this process has as many waiters as it allows
+            wake.clear()
+            rows = consume(subscription_id, query)
+            remaining = deadline - time.monotonic()
+            if rows or remaining <= 0 or not wake.wait(remaining):
+                return rows
+    return []
 
 
 @blp.route("")
@@ -58,6 +125,7 @@ class Subscriptions(MethodView):
                 data["max_delivery_attempts"],
                 data["backoff_min_seconds"],
                 data["backoff_max_seconds"],
+                data["ack_deadline_seconds"],
             )
 
     @require_scope("subscriptions", "read")
@@ -95,9 +163,10 @@ class SubscriptionMessages(MethodView):
     @blp.response(200, MessageListSchema)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
-        """Consume: lock up to batch_size available messages for this consumer."""
-        with db.connect() as conn:
-            rows = messages.consume(conn, id, query["consumer_id"], query["batch_size"])
+        """Consume: lease up to batch_size available messages to this consumer."""
+        rows = consume(id, query)
+        if not rows and query["wait_seconds"]:
+            rows = consume_waiting(id, query)
         # Hot path: built directly, the payloads passed through as PostgreSQL rendered them.
         return json_response({"data": [message_json(row, id) for row in rows]})
 
@@ -105,27 +174,45 @@ class SubscriptionMessages(MethodView):
 @blp.route("/<id>/acks")
 class Acks(MethodView):
     @require_scope("subscriptions", "consume")
-    @document_ids_body
+    @document_refs_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
     def post(self, id):
         """Acknowledge delivered messages; ids not delivered to this subscription are ignored."""
-        ids = load_message_ids()
+        refs = load_message_refs()
         with db.connect() as conn:
-            messages.ack(conn, id, ids)
+            outcomes = messages.ack(conn, id, refs)
+        return settled(refs, outcomes, "acked")
 
 
 @blp.route("/<id>/nacks")
 class Nacks(MethodView):
     @require_scope("subscriptions", "consume")
-    @document_ids_body
+    @blp.arguments(NackQuerySchema, location="query")
+    @document_refs_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
-    def post(self, id):
+    def post(self, query, id):
         """Negatively acknowledge: retry after backoff, or dead-letter when attempts are used up."""
-        ids = load_message_ids()
+        refs = load_message_refs()
         with db.connect() as conn:
-            messages.nack(conn, id, ids)
+            outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"))
+        return settled(refs, outcomes, "nacked")
+
+
+@blp.route("/<id>/extend")
+class Extend(MethodView):
+    @require_scope("subscriptions", "consume")
+    @blp.arguments(ExtendQuerySchema, location="query")
+    @document_refs_body
+    @blp.response(204)
+    @blp.alt_response(404, **NOT_FOUND)
+    def post(self, query, id):
+        """Move the ack deadline of delivered messages to now + seconds. Extension to the fastpubsub API."""
+        refs = load_message_refs()
+        with db.connect() as conn:
+            outcomes = messages.extend(conn, id, refs, query.get("seconds"))
+        return settled(refs, outcomes, "extended")
 
 
 @blp.route("/<id>/dlq")

@@ -4,12 +4,21 @@ from flask.views import MethodView
 
 from pubsub import db, messages, topics
 from pubsub.auth import require_scope
-from pubsub.blueprints import Blueprint, json_object, load_json_array
+from pubsub.blueprints import (
+    PREFER_HEADER,
+    Blueprint,
+    json_object,
+    load_json_array,
+    representation,
+    wants_representation,
+)
 from pubsub.schemas import (
+    EXTENSION,
     MAX_PUBLISH_BATCH,
     PUBLISH_BODY,
     ErrorSchema,
     PaginationSchema,
+    ReceiptListSchema,
     TopicCreateSchema,
     TopicListSchema,
     TopicSchema,
@@ -63,8 +72,17 @@ class Topic(MethodView):
 @blp.route("/<id>/messages")
 class TopicMessages(MethodView):
     @require_scope("topics", "publish")
-    @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
+    @blp.doc(
+        requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}},
+        parameters=[PREFER_HEADER],
+    )
     @blp.response(204)
+    @blp.alt_response(
+        201,
+        schema=ReceiptListSchema,
+        description=f"With `Prefer: return=representation`: each message's id and how many"
+        f" subscriptions got a copy, in request order. {EXTENSION}",
+    )
     @blp.alt_response(400, schema=ErrorSchema, description="Malformed JSON")
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
     @blp.alt_response(413, schema=ErrorSchema, description="Body larger than API_MAX_BODY_BYTES")
@@ -75,4 +93,8 @@ class TopicMessages(MethodView):
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
         with db.connect() as conn:
-            messages.publish(conn, id, raw.decode())
+            if not wants_representation():
+                messages.publish(conn, id, raw.decode())
+                return None
+            receipts = messages.publish_with_receipts(conn, id, raw.decode())
+        return representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
