@@ -164,6 +164,9 @@ def run_pending(check: Callable) -> None:
 
 
 def dispose(app: Flask) -> None:
+    listener = app.extensions.pop("pubsub_listener", None)  # pubsub.listener, if it started
+    if listener is not None:
+        listener.stop()
     engine = app.extensions.pop("pubsub_engine", None)
     if engine is not None:
         engine.dispose()

@@ -36,6 +36,7 @@ APPLICATION_NAME = "pubsub-listener"
 MARK_SECONDS = 60
 RENEW_SECONDS = 30
 RECONNECT_MAX_SECONDS = 5.0
+_create_lock = threading.Lock()
 
 RECHECK = """
 SELECT s.id FROM unnest(CAST(%(ids)s AS text[])) AS s (id)
@@ -145,7 +146,7 @@ class Listener:
 
     def connect(self) -> psycopg.Connection:
         args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
-        kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME}
+        kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 5}
         return psycopg.connect(*args, **kwargs)
 
     def listen(self, conn: psycopg.Connection) -> None:
@@ -154,9 +155,10 @@ class Listener:
         # Anything published before LISTEN took effect was not notified to us.
         self.wake(self.waited())
         while not self.stopping.is_set():
-            woken = {notify.payload for notify in conn.notifies(timeout=self.recheck_seconds)}
-            if woken:
-                self.wake(woken)
+            # Each notification wakes its waiters as it arrives; the generator ends after the
+            # re-check period, however busy.
+            for notify in conn.notifies(timeout=self.recheck_seconds):
+                self.wake((notify.payload,))
             waited = self.waited()
             if waited:
                 self.wake(row[0] for row in conn.execute(RECHECK, {"ids": waited}))
@@ -165,14 +167,8 @@ class Listener:
 def get_listener(app: Flask) -> Listener:
     listener = app.extensions.get("pubsub_listener")
     if listener is None:
-        with db._engine_lock:
+        with _create_lock:
             listener = app.extensions.get("pubsub_listener")
             if listener is None:
                 listener = app.extensions["pubsub_listener"] = Listener(app)
     return listener
-
-
-def stop_listener(app: Flask) -> None:
-    listener = app.extensions.pop("pubsub_listener", None)
-    if listener is not None:
-        listener.stop()
