@@ -108,9 +108,20 @@ PREFER_HEADER = {
     "in": "header",
     "name": "Prefer",
     "required": False,
-    "schema": {"type": "string", "enum": ["return=representation"]},
-    "description": f"return=representation: answer with the result instead of 204. {EXTENSION}",
+    "schema": {"type": "string", "example": "return=representation"},
+    "description": "RFC 7240. return=representation: answer with the result instead of 204;"
+    f" other preferences are ignored. {EXTENSION}",
 }
+
+
+def document_prefer(view: Callable) -> Callable:
+    """Document the Prefer header, which the view reads itself: added to the parameters
+    flask-smorest documents from @arguments, which doc(parameters=...) would replace."""
+    apidoc = getattr(view, "_apidoc", {})
+    arguments = apidoc.get("arguments", {})
+    parameters = [*arguments.get("parameters", []), PREFER_HEADER]
+    view._apidoc = {**apidoc, "arguments": {**arguments, "parameters": parameters}}
+    return view
 
 
 def wants_representation() -> bool:

@@ -8,8 +8,8 @@ from flask.views import MethodView
 from pubsub import db, listener, messages, subscriptions
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
-    PREFER_HEADER,
     Blueprint,
+    document_prefer,
     load_json_array,
     message_id,
     message_ref,
@@ -46,7 +46,7 @@ def document_ids_body(func, outcomes: bool = False):
     and ack_ids with per-item outcomes on request (read by load_message_refs)."""
     doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": MESSAGE_IDS_BODY}}}}
     if outcomes:
-        doc["parameters"] = [PREFER_HEADER]
+        func = document_prefer(func)
         func = blp.alt_response(
             200,
             schema=OutcomeListSchema,

@@ -5,8 +5,8 @@ from flask.views import MethodView
 from pubsub import db, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
-    PREFER_HEADER,
     Blueprint,
+    document_prefer,
     json_object,
     load_json_array,
     representation,
@@ -72,10 +72,8 @@ class Topic(MethodView):
 @blp.route("/<id>/messages")
 class TopicMessages(MethodView):
     @require_scope("topics", "publish")
-    @blp.doc(
-        requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}},
-        parameters=[PREFER_HEADER],
-    )
+    @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
+    @document_prefer
     @blp.response(204)
     @blp.alt_response(
         201,
