@@ -25,16 +25,30 @@ def test_migrated_database_matches_tables_py(app):
 
 
 @pytest.fixture
-def scratch_app(server_url):
-    name = f"pubsub_scratch_{uuid.uuid4().hex[:12]}"
+def make_scratch_app(server_url):
+    """An app on a new, empty database (no migrations run), with some settings changed."""
+    names, apps = [], []
+
+    def make(**overrides):
+        name = f"pubsub_scratch_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
+        apps.append(create_app({"DATABASE_URL": url, **overrides}))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        db.dispose(app)
     with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    app = create_app({"DATABASE_URL": url})
-    yield app
-    db.dispose(app)
-    with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in names:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def scratch_app(make_scratch_app):
+    return make_scratch_app()
 
 
 def table_names(engine: sa.Engine) -> set[str]:
@@ -53,3 +67,38 @@ def test_upgrade_downgrade_upgrade(scratch_app):
     assert schema_differences(engine) == []
     client = scratch_app.test_client()
     assert client.post("/topics", json={"id": "after-redo"}).status_code == 201
+
+
+def test_0004_gives_deliveries_a_deadline_and_its_downgrade_splits_shared_ids(make_scratch_app):
+    """Existing subscriptions get the lock timeout as their ack deadline and existing deliveries
+    a deadline; undone, copies that share a message id get ids of their own again. Rows at 0003
+    are written in SQL: the domain functions speak the newest schema."""
+    app = make_scratch_app(CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS=120)
+    engine = db.get_engine(app)
+    with app.app_context():
+        upgrade(revision="0003")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("""
+                INSERT INTO topics (id) VALUES ('orders');
+                INSERT INTO subscriptions (id, topic_id, max_delivery_attempts, backoff_min_seconds,
+                                           backoff_max_seconds)
+                VALUES ('a', 'orders', 5, 1, 2), ('b', 'orders', 5, 1, 2);
+                INSERT INTO subscription_messages (id, subscription_id, payload, state, locked_at)
+                VALUES (gen_random_uuid(), 'a', '{}', 1, now() - interval '10 seconds');
+            """)
+            )
+        upgrade(revision="0004")
+        with engine.begin() as conn:
+            deadlines = conn.execute(sa.text("SELECT DISTINCT ack_deadline_seconds FROM subscriptions"))
+            assert deadlines.scalars().all() == [120]
+            lapse = conn.execute(
+                sa.text("SELECT available_at - locked_at FROM subscription_messages WHERE state = 1")
+            ).scalar_one()
+            assert lapse.total_seconds() == 120
+        client = app.test_client()
+        assert client.post("/topics/orders/messages", json=[{"n": 1}, {"n": 2}]).status_code == 204
+        downgrade(revision="0003")
+        with engine.begin() as conn:
+            ids = conn.execute(sa.text("SELECT id FROM subscription_messages")).scalars().all()
+        assert len(ids) == len(set(ids)) == 5
