@@ -57,3 +57,7 @@ LONG_POLL_RECHECK_SECONDS = 1
 # API_NUM_THREADS minus this many consumers wait at once (at least one); more are answered at
 # once, as without wait_seconds.
 LONG_POLL_RESERVED_THREADS = 2
+
+# /metrics: how long each process reuses its count of every subscription's backlog (one query
+# over the messages table); 0 counts on every scrape.
+METRICS_BACKLOG_CACHE_SECONDS = 5

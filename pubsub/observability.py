@@ -2,19 +2,31 @@
 
 Metrics work in one process, and across gunicorn workers when PROMETHEUS_MULTIPROC_DIR is set
 (``flask pubsub serve`` sets it): each worker writes its samples to files there and /metrics sums
-them.
+them. The backlog gauges are the exception: they describe the database, not the worker, so the
+worker answering the scrape counts them (at most once per METRICS_BACKLOG_CACHE_SECONDS) and they
+never reach the files, where every worker's copy would be summed.
 """
 
 import logging
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterable
 
 import orjson
+import sqlalchemy as sa
 from flask import Flask, has_request_context, request
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_flask_exporter import PrometheusMetrics
+
+from pubsub import db, subscriptions
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the same header, as WSGI names it
@@ -145,9 +157,98 @@ class RequestObserver:
             duration.observe(time.perf_counter() - started)
 
 
+BACKLOG_TIMEOUT_MS = 5000
+
+
+def backlog_families(backlog: list[dict]) -> list[Metric]:
+    messages = GaugeMetricFamily(
+        "pubsub_subscription_messages",
+        "Messages a subscription holds, by state: available (ready now), delayed (waiting out a"
+        " backoff), delivered (not yet acked) and dlq",
+        labels=["subscription", "state"],
+    )
+    oldest = GaugeMetricFamily(
+        "pubsub_subscription_oldest_unacked_age_seconds",
+        "Age of the subscription's oldest available or delivered message; 0 when there is none",
+        labels=["subscription"],
+    )
+    for row in backlog:
+        for state in subscriptions.BACKLOG_STATES:
+            messages.add_metric([row["subscription_id"], state], row[state])
+        oldest.add_metric([row["subscription_id"]], row["oldest_unacked_age_seconds"])
+    return [messages, oldest]
+
+
+class BacklogCollector:
+    """Every subscription's backlog, counted when /metrics is scraped and kept for
+    METRICS_BACKLOG_CACHE_SECONDS in this process: one query per period, however often scraped."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+        self.lock = threading.Lock()
+        self.counted_at: float | None = None
+        self.backlog: list[dict] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, without a query: what registries and `name[]` scrapes need.
+        return backlog_families([])
+
+    def collect(self) -> Iterable[Metric]:
+        backlog = self.cached_backlog()
+        return [] if backlog is None else backlog_families(backlog)
+
+    def cached_backlog(self) -> list[dict] | None:
+        # The lock: concurrent scrapes in one worker share one query instead of each running it.
+        with self.lock:
+            started = time.monotonic()
+            ttl = self.app.config["METRICS_BACKLOG_CACHE_SECONDS"]
+            if self.counted_at is None or started - self.counted_at >= ttl:
+                self.backlog = self.count_backlog()
+                self.counted_at = started
+            return self.backlog
+
+    def count_backlog(self) -> list[dict] | None:
+        try:
+            with self.app.app_context(), db.begin() as conn:
+                # A scrape must not hang on a huge backlog: the count is one pass over it.
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {BACKLOG_TIMEOUT_MS}")
+                return subscriptions.count_backlog(conn)
+        except sa.exc.SQLAlchemyError as error:
+            # The rest of /metrics is still worth serving; absent gauges say the count failed
+            # (stale ones would not), and the failure is kept as long as a count would be, so a
+            # database that is down costs each worker one attempt per cache period.
+            log.warning("backlog metrics left out of /metrics: %s", error)
+            return None
+
+
+class MetricsEndpoint(PrometheusMetrics):
+    """The exporter's /metrics plus the backlog. In multiprocess mode the exporter builds a new
+    registry on every scrape holding only the workers' files, so a collector registered anywhere
+    would be left out: this builds that registry itself, in both modes, with the backlog in it."""
+
+    def __init__(self, app: Flask, backlog: BacklogCollector):
+        self.backlog = backlog
+        super().__init__(app, path="/metrics", export_defaults=False)
+
+    def generate_metrics(
+        self, accept_header: str | None = None, names: list[str] | None = None
+    ) -> tuple[str, str]:
+        # Collectors without names (the workers' files, the default registry) still answer
+        # a scrape restricted with `name[]=...`.
+        registry = CollectorRegistry(support_collectors_without_names=True)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            MultiProcessCollector(registry)
+        else:
+            registry.register(self.registry)
+        registry.register(self.backlog)
+        encode, content_type = choose_encoder(accept_header)
+        return encode(registry.restricted_registry(names) if names else registry).decode(), content_type
+
+
 def init_app(app: Flask) -> None:
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     app.wsgi_app = RequestObserver(app.wsgi_app)
     # The exporter only serves /metrics here (the request metrics above follow the API's names):
-    # the default registry, or with PROMETHEUS_MULTIPROC_DIR set the sum of every worker's files.
-    PrometheusMetrics(app, path="/metrics", export_defaults=False)
+    # the default registry, or with PROMETHEUS_MULTIPROC_DIR set the sum of every worker's files;
+    # and the backlog, from the database.
+    MetricsEndpoint(app, BacklogCollector(app))

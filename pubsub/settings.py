@@ -74,6 +74,7 @@ def check_config(config: dict[str, Any]) -> None:
         "CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS": 1,
         "LONG_POLL_RECHECK_SECONDS": 1,
         "LONG_POLL_RESERVED_THREADS": 0,
+        "METRICS_BACKLOG_CACHE_SECONDS": 0,
     }
     for name, low in at_least.items():
         value = config[name]

@@ -147,3 +147,41 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
         raise NotFound(f"subscription {subscription_id!r} not found")
     return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}
 
+
+BACKLOG_STATES = ("available", "delayed", "delivered", "dlq")
+
+
+def count_backlog(conn: sa.Connection) -> list[dict]:
+    """Every subscription's messages by state and the age of its oldest unacked one (zeros when it
+    has none), in one pass over the messages: the Prometheus backlog gauges."""
+    m = subscription_messages
+    now = sa.func.now()  # one instant for the whole statement: each message counts in one state
+    by_subscription = (
+        sa.select(
+            m.c.subscription_id,
+            sa.func.count().filter(m.c.state == AVAILABLE, m.c.available_at <= now).label("available"),
+            sa.func.count().filter(m.c.state == AVAILABLE, m.c.available_at > now).label("delayed"),
+            sa.func.count().filter(m.c.state == DELIVERED).label("delivered"),
+            sa.func.count().filter(m.c.state == DLQ).label("dlq"),
+            sa.func.min(m.c.created_at).filter(m.c.state.in_((AVAILABLE, DELIVERED))).label("oldest"),
+        )
+        .group_by(m.c.subscription_id)
+        .subquery()
+    )
+    # greatest(..., 0): a message committed just after now() was taken may be visible, and younger.
+    age = sa.func.greatest(sa.func.extract("epoch", now - by_subscription.c.oldest), 0)
+    stmt = (
+        sa.select(
+            subscriptions.c.id.label("subscription_id"),
+            *(sa.func.coalesce(by_subscription.c[state], 0).label(state) for state in BACKLOG_STATES),
+            sa.func.coalesce(age, 0).label("oldest_unacked_age_seconds"),
+        )
+        .select_from(
+            subscriptions.outerjoin(by_subscription, by_subscription.c.subscription_id == subscriptions.c.id)
+        )
+        .order_by(subscriptions.c.id)
+    )
+    return [
+        {**row, "oldest_unacked_age_seconds": float(row["oldest_unacked_age_seconds"])}
+        for row in conn.execute(stmt).mappings()
+    ]

@@ -14,7 +14,8 @@ Design notes (the performance issue holds these to numbers):
   would need a join on every claim and a reference count or a garbage-collection pass on every
   ack (each copy is acked independently). Copies make ack a single-row delete and claim a
   single-table read. A message's copies share its id (the key is (subscription_id, id)), so a
-  publish receipt names the id that every subscription delivers. Nothing indexes the payload: filters are evaluated once, at publish time.
+  publish receipt names the id that every subscription delivers. Nothing indexes the payload:
+  filters are evaluated once, at publish time.
 * ``subscription_messages`` has no foreign key to ``subscriptions``: the per-row RI trigger and
   its row lock would run for every message published. Publish instead takes one FOR KEY SHARE
   lock per matching subscription per statement, and deletes remove the messages in the same
