@@ -25,8 +25,8 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 
 def message_json(row: tuple, subscription_id: str) -> dict:
-    """A message for the API from an (id, payload, delivery_attempts, created_at[, lease]) row;
-    its payload is JSON text from PostgreSQL, embedded unparsed. A delivery (a row with its
+    """A message for the API from an (id, payload, delivery_attempts, created_at[, lease, ...])
+    row; its payload is JSON text from PostgreSQL, embedded unparsed. A delivery (a row with its
     lease) carries its lease token, ack_id."""
     id, payload, delivery_attempts, created_at, *lease = row
     message = {

@@ -13,6 +13,7 @@ from pubsub.blueprints import (
     load_json_array,
     message_id,
     message_ref,
+    read_json_body,
     representation,
     wants_representation,
 )
@@ -76,15 +77,13 @@ def load_message_refs() -> list:
     return load_json_array(MAX_BATCH_IDS, message_ref)[0]
 
 
-def settled(refs: list, outcomes: list[int], done: str):
+def settled(outcomes: list[int], done: str):
     """204, or with `Prefer: return=representation` each item's outcome, in request order."""
     if not wants_representation():
         return None
     names = {messages.DONE: done, messages.STALE: "stale", messages.NOT_FOUND: "not_found"}
-    items = [
-        {"id": id if lease is None else f"{id}:{lease}", "status": names[outcome]}
-        for (id, lease), outcome in zip(refs, outcomes, strict=True)
-    ]
+    sent = read_json_body()[0]  # each item as the caller spelled it (the body is cached)
+    items = [{"id": item, "status": names[outcome]} for item, outcome in zip(sent, outcomes, strict=True)]
     return representation({"data": items})
 
 
@@ -182,7 +181,7 @@ class Acks(MethodView):
         refs = load_message_refs()
         with db.connect() as conn:
             outcomes = messages.ack(conn, id, refs)
-        return settled(refs, outcomes, "acked")
+        return settled(outcomes, "acked")
 
 
 @blp.route("/<id>/nacks")
@@ -197,7 +196,7 @@ class Nacks(MethodView):
         refs = load_message_refs()
         with db.connect() as conn:
             outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"))
-        return settled(refs, outcomes, "nacked")
+        return settled(outcomes, "nacked")
 
 
 @blp.route("/<id>/extend")
@@ -212,7 +211,7 @@ class Extend(MethodView):
         refs = load_message_refs()
         with db.connect() as conn:
             outcomes = messages.extend(conn, id, refs, query.get("seconds"))
-        return settled(refs, outcomes, "extended")
+        return settled(outcomes, "extended")
 
 
 @blp.route("/<id>/dlq")
