@@ -36,6 +36,7 @@ APPLICATION_NAME = "pubsub-listener"
 MARK_SECONDS = 60
 RENEW_SECONDS = 30
 RECONNECT_MAX_SECONDS = 5.0
+STOP_SLICE_SECONDS = 0.2
 _create_lock = threading.Lock()
 
 RECHECK = """
@@ -154,14 +155,18 @@ class Listener:
         self.connected.set()
         # Anything published before LISTEN took effect was not notified to us.
         self.wake(self.waited())
+        recheck_at = time.monotonic() + self.recheck_seconds
         while not self.stopping.is_set():
-            # Each notification wakes its waiters as it arrives; the generator ends after the
-            # re-check period, however busy.
-            for notify in conn.notifies(timeout=self.recheck_seconds):
+            # Each notification wakes its waiters as it arrives. The wait is cut in slices so
+            # that stop() takes effect at once, whatever the re-check period.
+            timeout = min(STOP_SLICE_SECONDS, max(0.0, recheck_at - time.monotonic()))
+            for notify in conn.notifies(timeout=timeout):
                 self.wake((notify.payload,))
-            waited = self.waited()
-            if waited:
-                self.wake(row[0] for row in conn.execute(RECHECK, {"ids": waited}))
+            if time.monotonic() >= recheck_at:
+                recheck_at = time.monotonic() + self.recheck_seconds
+                waited = self.waited()
+                if waited:
+                    self.wake(row[0] for row in conn.execute(RECHECK, {"ids": waited}))
 
 
 def get_listener(app: Flask) -> Listener:
