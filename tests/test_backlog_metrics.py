@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from pubsub import db, subscriptions
@@ -21,6 +20,7 @@ from tests.test_serve import (
     output_of,
     request,
     serve_env,
+    served_by_worker,
     serving,
     wait_for_exit,
     wait_until_live,
@@ -266,17 +266,6 @@ def test_a_scrape_restricted_by_name_gets_only_those_metrics(api, client, statem
     assert len(statements) == 1  # the second scrape did not count the backlog
 
 
-def metrics_scrapes_by_worker(metrics_dir: Path) -> dict[str, float]:
-    """How many /metrics requests each worker answered, from its own counter file."""
-    served = {}
-    for path in metrics_dir.glob("counter_*.db"):
-        for family in MultiProcessCollector.merge([str(path)]):
-            for s in family.samples:
-                if s.name == "http_requests_total" and s.labels["path"] == "/metrics":
-                    served[path.name] = served.get(path.name, 0) + s.value
-    return served
-
-
 @pytest.mark.slow
 def test_every_worker_reports_the_backlog_once_not_summed(database_url, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
@@ -315,7 +304,7 @@ def test_every_worker_reports_the_backlog_once_not_summed(database_url, tmp_path
             assert {name: counts(values) for name, values in backlog.items()} == expected, scrapes
             assert 0 <= backlog["retrying"]["age"] < 60
             assert backlog["none"]["age"] == 0
-            by_worker = metrics_scrapes_by_worker(metrics_dir)
+            by_worker = served_by_worker(metrics_dir, "/metrics")
             if len(by_worker) == 2 and min(by_worker.values()) >= 3:
                 break
         assert len(by_worker) == 2 and min(by_worker.values()) >= 3, f"{by_worker} after {scrapes} scrapes"

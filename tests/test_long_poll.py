@@ -11,8 +11,6 @@ Waiters run in threads, each with its own Flask test client, or against the real
 also when a test fails.
 """
 
-import http.client
-import json
 import threading
 import time
 from collections import Counter
@@ -24,7 +22,7 @@ from flask import Flask
 from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db
-from tests.test_serve import free_port, output_of, serve_env, serving, wait_until_live
+from tests.test_serve import free_port, output_of, request, serve_env, serving, wait_until_live
 
 LISTENER = "pubsub-listener"  # application_name of the LISTEN connection
 CHANNEL = "pubsub"
@@ -469,15 +467,8 @@ def http_request(
 ) -> tuple[int, object, float]:
     """One request on a new connection: status, decoded JSON body, seconds it took."""
     started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-        response = conn.getresponse()
-        data = response.read().decode()
-    finally:
-        conn.close()
-    return response.status, json.loads(data) if data else None, time.monotonic() - started
+    status, answer = request(port, method, path, body, timeout)
+    return status, answer, time.monotonic() - started
 
 
 class HttpWaiter(threading.Thread):

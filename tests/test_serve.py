@@ -114,9 +114,20 @@ def serving(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
             stop_group(process)
 
 
-def request(port: int, method: str, path: str, body=None) -> tuple[int, object]:
+def served_by_worker(metrics_dir: Path, route: str) -> dict[str, float]:
+    """How many requests to a route each worker answered, from its own counter file."""
+    served = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        for family in MultiProcessCollector.merge([str(path)]):
+            for s in family.samples:
+                if s.name == "http_requests_total" and s.labels["path"] == route:
+                    served[path.name] = served.get(path.name, 0) + s.value
+    return served
+
+
+def request(port: int, method: str, path: str, body=None, timeout: float = 10) -> tuple[int, object]:
     """One HTTP request on a new connection; the status and the decoded JSON (or text) body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
@@ -213,21 +224,12 @@ def test_metrics_count_every_request_once_over_all_workers(database_url, tmp_pat
         master, workers = gunicorn_processes(process, 2)
         metrics_dir = Path(master.environ()["PROMETHEUS_MULTIPROC_DIR"])
 
-        def topics_served_by_worker() -> dict[str, float]:
-            served = {}
-            for path in metrics_dir.glob("counter_*.db"):
-                for family in MultiProcessCollector.merge([str(path)]):
-                    for s in family.samples:
-                        if s.name == "http_requests_total" and s.labels["path"] == "/topics":
-                            served[path.name] = served.get(path.name, 0) + s.value
-            return served
-
         # 40 requests at least, more until both workers have answered some (each has its own file).
         sent = 0
-        while sent < 40 or (len(topics_served_by_worker()) < 2 and sent < 400):
+        while sent < 40 or (len(served_by_worker(metrics_dir, "/topics")) < 2 and sent < 400):
             assert request(port, "GET", "/topics")[0] == 200
             sent += 1
-        per_worker = topics_served_by_worker()
+        per_worker = served_by_worker(metrics_dir, "/topics")
         assert len(per_worker) == 2, f"one worker answered all {sent} requests"
         assert sum(per_worker.values()) == sent
 
