@@ -76,7 +76,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--backlog-ack-batch", type=int, help="backlog: messages per past ack (--batch)")
     load.add_argument("--rate", type=float, help="mixed: publish rate, messages/s (2000; 0 = unpaced)")
     load.add_argument("--mixed-batch", type=int, default=10, help="mixed: messages per publish (10)")
-    load.add_argument("--drain-timeout", type=float, default=60.0, help="mixed: bound on the drain")
+    load.add_argument(
+        "--wait-seconds", type=int, default=10, help="mixed: consumers' long-poll wait_seconds (10; 1-20)"
+    )
+    load.add_argument(
+        "--poll-ms", type=float, default=100.0, help="mixed_poll: consumers' sleep after an empty claim (100)"
+    )
+    load.add_argument("--drain-timeout", type=float, default=60.0, help="mixed*: bound on the drain")
     load.add_argument(
         "--wait-quiet",
         type=float,
@@ -101,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = args.scenarios or list(SCENARIOS)
     if min(args.concurrency, args.batch, args.procs, args.mixed_batch) < 1 or args.batch > 1000:
         parser.error("--concurrency, --procs and --mixed-batch must be >= 1; --batch from 1 to 1000")
+    if not 1 <= args.wait_seconds <= 20 or args.poll_ms < 0:
+        parser.error("--wait-seconds goes from 1 to 20; --poll-ms must be >= 0")
     if args.url and (args.raw or args.compare_raw) and not args.database_url:
         parser.error("--raw and --compare-raw with --url need --database-url")
     if args.url and args.auth and not (args.client_id and args.client_secret):
@@ -120,7 +128,8 @@ def percentiles(values, points=(50, 95, 99)) -> dict[str, float | None]:
 
 def summarize(scenario, mode, app, args, outcome, messages, checks, extra, notes) -> dict:
     t, elapsed = outcome.tally, outcome.elapsed
-    all_latencies = [v for values in t.latency.values() for v in values]
+    # Long-poll claims last as long as they wait: request latency leaves them out (by_op has them).
+    all_latencies = [v for op, values in t.latency.items() if op != "long_poll" for v in values]
 
     return {
         "scenario": scenario,
@@ -248,8 +257,12 @@ COLUMNS = (
 )  # fmt: skip
 
 
+def aligned(cells: list[str], columns) -> str:
+    return "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, columns, strict=True))
+
+
 def table(results: list[dict]) -> str:
-    lines = ["  ".join(name.rjust(width) for name, width in COLUMNS)]
+    lines = [aligned([name for name, _ in COLUMNS], COLUMNS)]
     for r in results:
         config = f"{r.get('workers', '-')}×{r.get('threads', '-')}" if not r.get("external") else "ext"
         if "error" in r:
@@ -264,7 +277,7 @@ def table(results: list[dict]) -> str:
                 fmt(cpu["loadgen"], 2), fmt(cpu["app"], 2), fmt(cpu["postgres"], 2), fmt(cpu["other"], 2),
                 "ok" if r["ok"] else "FAIL",
             ]  # fmt: skip
-        lines.append("  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True)))
+        lines.append(aligned(cells, COLUMNS))
     notes = []
     for r in results:
         extra = r.get("extra") or {}
@@ -281,6 +294,37 @@ def table(results: list[dict]) -> str:
         f"(gunicorn master + workers), PostgreSQL and everything else; this machine has {os.cpu_count()}."
     )
     return "\n".join(lines + notes)
+
+
+MIXED_COLUMNS = (
+    ("scenario", 10), ("mode", 4), ("w×t", 5), ("consumers", 14), ("pub/s", 6), ("msgs/s", 6),
+    ("req/s", 5), ("claims/s", 8), ("empty/s", 7), ("pub p99", 7), ("e2e p50", 7), ("e2e p95", 7),
+    ("e2e p99", 7), ("cpu app", 7), ("cpu pg", 6),
+)  # fmt: skip
+
+
+def mixed_table(results: list[dict]) -> str:
+    """The mixed runs side by side: long-poll against polling, end-to-end latency and requests
+    (and the publish latency: a publish to a subscription with waiting consumers sends a NOTIFY)."""
+    rows = [r for r in results if r["scenario"] in ("mixed", "mixed_poll") and "error" not in r]
+    if not rows:
+        return ""
+    lines = [
+        "mixed by consumer style: end-to-end latency (ms, publish to claim), requests, publish p99 (ms):",
+        aligned([name for name, _ in MIXED_COLUMNS], MIXED_COLUMNS),
+    ]
+    for r in rows:
+        config = f"{r.get('workers', '-')}×{r.get('threads', '-')}" if not r.get("external") else "ext"
+        extra, e2e, cpu = r["extra"], r["e2e_ms"] or {}, r["cpu_cores"]
+        publish = r["latency_ms_by_op"].get("publish", {})
+        cells = [
+            r["scenario"], r["mode"], config, extra["consumers"], fmt(extra["published_per_s"], 0),
+            fmt(r["msgs_per_s"], 0), fmt(r["req_per_s"], 0), fmt(extra["claims_per_s"], 0),
+            fmt(extra["empty_claims_per_s"], 0), fmt(publish.get("p99")), fmt(e2e.get("p50")),
+            fmt(e2e.get("p95")), fmt(e2e.get("p99")), fmt(cpu["app"], 2), fmt(cpu["postgres"], 2),
+        ]  # fmt: skip
+        lines.append(aligned(cells, MIXED_COLUMNS))
+    return "\n".join(lines)
 
 
 def ratios(results: list[dict]) -> str:
@@ -318,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "a") as out:
             out.write("\n".join(lines) + "\n")
     print(table(results))
-    comparison = ratios(results)
-    if comparison:
-        print(comparison)
+    for section in (mixed_table(results), ratios(results)):
+        if section:
+            print(section)
     failed = [f"{r['scenario']} {r['mode']}" for r in results if not r["ok"]]
     if failed:
         print(f"FAILED: {', '.join(failed)}")

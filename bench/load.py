@@ -3,6 +3,7 @@ keep-alive HTTP connection (or, in raw mode, its own PostgreSQL connection runni
 statements). Clients publish or consume until a shared deadline; every process measures the CPU
 it used and sends back counts, latencies and the keys of the messages it consumed."""
 
+import math
 import multiprocessing
 import os
 import queue
@@ -24,6 +25,7 @@ IDLE_RECONNECT = 1.5  # seconds; gunicorn drops keep-alive connections idle for 
 REQUEST_TIMEOUT = 60
 START_TIMEOUT = 120  # for worker processes to import, connect and report ready
 EMPTY_POLL = 0.005  # seconds a consumer waits after an empty claim while publishers still run
+EARLY = 0.5  # seconds: a long-poll claim that comes back empty this much before its wait ended
 
 
 class RequestFailed(Exception):
@@ -106,8 +108,12 @@ class HttpClient:
         status, data = self.request("POST", f"/topics/{topic_id}/messages", body)
         self.expect(status, 204, data, "publish")
 
-    def claim(self, subscription_id: str, consumer_id: str, batch_size: int) -> list[tuple]:
+    def claim(
+        self, subscription_id: str, consumer_id: str, batch_size: int, wait_seconds: int = 0
+    ) -> list[tuple]:
         path = f"/subscriptions/{subscription_id}/messages?consumer_id={consumer_id}&batch_size={batch_size}"
+        if wait_seconds:
+            path += f"&wait_seconds={wait_seconds}"
         status, data = self.request("GET", path)
         self.expect(status, 200, data, "consume")
         return [(m["id"], m["payload"]) for m in orjson.loads(data)["data"]]
@@ -139,18 +145,22 @@ class SqlClient:
 
     def publish(self, topic_id: str, body: bytes) -> None:
         params = {"topic_id": topic_id, "payloads": body.decode()}
-        topics, _ = self.conn.execute(self.statements["publish"], params).fetchone()
+        topics = self.conn.execute(self.statements["publish"], params).fetchone()[0]
         if topics == 0:
             raise RequestFailed(f"publish: topic {topic_id!r} not found")
 
-    def claim(self, subscription_id: str, consumer_id: str, batch_size: int) -> list[tuple]:
+    def claim(
+        self, subscription_id: str, consumer_id: str, batch_size: int, wait_seconds: int = 0
+    ) -> list[tuple]:
+        if wait_seconds:
+            raise RequestFailed("long-poll (wait_seconds) is an HTTP feature: raw mode cannot wait")
         params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
         rows = self.conn.execute(self.statements["claim"], params).fetchall()
         return [(row[0], orjson.loads(row[1])) for row in rows]
 
     def ack(self, subscription_id: str, ids: list) -> None:
-        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids)}
-        self.conn.execute(self.statements["ack"], params)
+        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids), "leases": None}
+        self.conn.execute(self.statements["ack"], params).fetchall()
 
     def close(self) -> None:
         self.conn.autocommit = False
@@ -165,6 +175,9 @@ class Tally:
     consumed: int = 0  # messages claimed and then acked within the window
     drained: int = 0  # consumed after the window, to empty the subscription for the checks
     requests: int = 0  # within the window
+    claims: int = 0  # consume requests within the window
+    empty_claims: int = 0  # of which answered no message
+    early_empty: int = 0  # long-poll claims answered empty well before their wait ended
     errors: int = 0
     error_samples: list = field(default_factory=list)
     latency: dict = field(default_factory=dict)  # operation -> array of seconds
@@ -184,7 +197,8 @@ class Tally:
             self.error_samples.append(f"{type(exc).__name__}: {exc}"[:300])
 
     def merge(self, other: "Tally") -> None:
-        for name in ("published", "consumed", "drained", "requests", "errors", "cpu_seconds"):
+        counters = ("published", "consumed", "drained", "requests", "claims", "empty_claims", "early_empty")
+        for name in (*counters, "errors", "cpu_seconds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.error_samples.extend(other.error_samples[: max(0, 5 - len(self.error_samples))])
         for operation, values in other.latency.items():
@@ -257,12 +271,26 @@ def run_publisher(client, spec: dict, clock: Clock, tally: Tally, lock: threadin
             tally.merge(local)
 
 
+def long_poll_wait(wait: int, clock: Clock, now: float, publishers_done: bool) -> int:
+    """wait_seconds for the next claim: `wait`, but no longer than the window has left (rounded
+    up, at least 1), so a consumer idle at the end holds the run up for a second at most; 0 once
+    the publishers are done (draining: an empty answer then means the queue is empty)."""
+    if not wait or publishers_done:
+        return 0
+    return max(1, min(wait, math.ceil(clock.deadline - now)))
+
+
 def run_consumer(client, spec: dict, clock: Clock, tally: Tally, lock: threading.Lock) -> None:
     """Claim a batch, ack it, repeat: until the deadline, or until the subscription is empty
     (spec['until_empty']); with spec['drain'], go on after the deadline until the publishers are
-    done and nothing is left, so that the checks can count every message."""
+    done and nothing is left, so that the checks can count every message.
+
+    After an empty claim the consumer sleeps spec['poll'] seconds (default EMPTY_POLL); with
+    spec['wait'] (seconds) it long-polls instead: the server holds the claim until messages come
+    or the wait ends, and the consumer claims again at once."""
     subscription, batch = spec["subscription"], spec["batch"]
     consumer_id = f"bench-{spec['index']}"
+    poll, wait = spec.get("poll", EMPTY_POLL), spec.get("wait", 0)
     local = Tally()
     try:
         while True:
@@ -271,22 +299,31 @@ def run_consumer(client, spec: dict, clock: Clock, tally: Tally, lock: threading
             if not in_window and (not spec.get("drain") or now >= clock.drain_deadline):
                 break
             publishers_done = clock.publishers_left.value == 0  # read before the claim: see below
+            wait_now = long_poll_wait(wait, clock, now, publishers_done)
             started = time.perf_counter()
             try:
-                rows = client.claim(subscription, consumer_id, batch)
+                rows = client.claim(subscription, consumer_id, batch, wait_now)
             except Exception as exc:
                 local.error(exc)
                 time.sleep(0.01)
                 continue
             claimed = time.perf_counter()
             if in_window:
-                local.record("consume", claimed - started)
+                # A long-poll claim lasts as long as it waited: kept apart from request latency.
+                local.record("long_poll" if wait_now else "consume", claimed - started)
+                local.claims += 1
+                local.empty_claims += not rows
             if not rows:
                 # Publishers count themselves out after their last publish committed, so an empty
                 # claim that started after they were all out means nothing is left.
                 if spec.get("until_empty") or (not in_window and publishers_done):
                     break
-                time.sleep(EMPTY_POLL)
+                if not wait_now:
+                    time.sleep(poll)
+                elif claimed - started < wait_now - EARLY:
+                    # The server did not wait (no waiting capacity left, say): do not spin.
+                    local.early_empty += in_window
+                    time.sleep(EMPTY_POLL)
                 continue
             if spec.get("e2e") and in_window:
                 wall = time.time()

@@ -19,6 +19,7 @@ FANOUT_FILTERS = ({"country": ["BR"]}, {"country": ["US", "DE"]}, {"country": ["
 PREFILL_BATCH = 1000  # the API's largest publish batch
 PREFILL_CLIENTS_PER_PROC = 3
 HISTORY_SPAN_SECONDS = 1800  # acked history spread over the last half hour (within cleanup's retention)
+LONG_POLL_RESERVED_THREADS = 2  # the app's default: threads per worker that never wait
 
 
 class Run:
@@ -266,17 +267,22 @@ def fanout(run: Run):
     return outcome, t.published, checks, {"copies_per_s": copies / outcome.elapsed}
 
 
-def mixed(run: Run):
+def mixed_scenario(run: Run, wait: int, poll: float):
     """Publishers (paced by --rate) and consumers at once; end-to-end latency from publish to
-    claim, from the timestamp in each payload; the queue is drained after the window."""
+    claim, from the timestamp in each payload; the queue is drained after the window. Consumers
+    long-poll (`wait` seconds) or, with wait 0, sleep `poll` seconds after an empty claim."""
     topic = run.new_topic()
     subscription = run.new_subscription(topic)
     run.settle()
     publishers = max(1, run.args.concurrency // 2)
     consumers = max(1, run.args.concurrency - publishers)
+    capacity = waiting_capacity(run) if wait else None
     rate = run.args.rate / publishers if run.args.rate else None
     specs = [run.publisher(topic, run.args.mixed_batch, rate=rate) for _ in range(publishers)]
-    specs += [run.consumer(subscription, run.args.batch, drain=True, e2e=True) for _ in range(consumers)]
+    specs += [
+        run.consumer(subscription, run.args.batch, drain=True, e2e=True, wait=wait, poll=poll)
+        for _ in range(consumers)
+    ]
     outcome = run.load(specs, drain=run.args.drain_timeout)
     t = outcome.tally
     m = run.metrics(subscription)
@@ -288,9 +294,48 @@ def mixed(run: Run):
         equal("delivered == 0", m["delivered"], 0),
         equal("acked == published", m["acked"], t.published),
     ]
+    if capacity is not None and consumers <= capacity:
+        checks.append(equal("long-poll claims waited (early empty answers)", t.early_empty, 0))
     run.drop(topic)
-    extra = {"published_per_s": t.published / outcome.elapsed, "drained_after_window": t.drained}
+    extra = {
+        "consumers": f"long-poll {wait} s" if wait else f"poll {poll * 1000:g} ms",
+        "published_per_s": t.published / outcome.elapsed,
+        "drained_after_window": t.drained,
+        "claims_per_s": t.claims / outcome.elapsed,
+        "empty_claims_per_s": t.empty_claims / outcome.elapsed,
+    }
+    if wait:
+        extra["early_empty_claims"] = t.early_empty
+    if capacity is not None and consumers > capacity:
+        extra["note"] = (
+            f"{consumers} long-poll consumers, but a worker lets at most {capacity} wait: "
+            "early empty answers expected, not checked"
+        )
     return outcome, t.consumed, checks, extra
+
+
+def mixed(run: Run):
+    """mixed_scenario with long-poll consumers (--wait-seconds); HTTP only."""
+    if run.mode == "raw":
+        raise SkipScenario("long-poll is an HTTP feature; mixed_poll runs raw")
+    return mixed_scenario(run, run.args.wait_seconds, 0.0)
+
+
+def mixed_poll(run: Run):
+    """mixed_scenario with consumers that sleep --poll-ms after an empty claim."""
+    return mixed_scenario(run, 0, run.args.poll_ms / 1000)
+
+
+def waiting_capacity(run: Run) -> int | None:
+    """How many claims one worker lets wait (threads - LONG_POLL_RESERVED_THREADS); it answers
+    the others at once, and early_empty_claims counts those. gunicorn does not spread keep-alive
+    connections evenly over its workers, so only a consumer count within one worker's share is
+    sure to wait. None with --url: the app's threads are not known."""
+    threads = getattr(run.app, "threads", None)
+    if threads is None:
+        return None
+    reserved = int(os.environ.get("PUBSUB_LONG_POLL_RESERVED_THREADS", LONG_POLL_RESERVED_THREADS))
+    return max(1, threads - reserved)
 
 
 def warm_up(run: Run, seconds: float) -> None:
@@ -316,5 +361,6 @@ SCENARIOS = {
     "consume_ack": consume_ack,
     "fanout": fanout,
     "mixed": mixed,
+    "mixed_poll": mixed_poll,
     "backlog": backlog,
 }

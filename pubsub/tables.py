@@ -70,8 +70,7 @@ subscriptions = sa.Table(
     # How long a consumer has to ack a delivery before it is claimable again (an extension).
     sa.Column("ack_deadline_seconds", sa.Integer, nullable=False),
     # Until then some process has long-poll consumers waiting on this subscription, so publishes
-    # NOTIFY it. Kept off otherwise: a NOTIFY serializes commits (a database-wide lock at commit)
-    # and halves single-message publish throughput.
+    # NOTIFY it. Kept off otherwise: a NOTIFY serializes the instance's notifying commits.
     sa.Column("notify_until", sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("backoff_min_seconds <= backoff_max_seconds", name="backoff_range"),
     sa.CheckConstraint(
