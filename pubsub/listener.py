@@ -65,7 +65,6 @@ class Listener:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.pid = 0
-        self.connected = threading.Event()
 
     @contextmanager
     def wait_on(self, subscription_id: str) -> Iterator[threading.Event | None]:
@@ -140,8 +139,8 @@ class Listener:
                 if self.stopping.is_set():
                     break
                 log.warning("long-poll listener disconnected (%s); reconnecting", error)
-            finally:
-                self.connected.clear()
+            except Exception:  # a bug must not leave waiters without their wake-ups for good
+                log.exception("long-poll listener failed; restarting")
             # Notifications may be lost while we are away: waiters look for themselves.
             self.wake(self.waited())
             self.stopping.wait(min(delay, self.recheck_seconds))
@@ -154,7 +153,6 @@ class Listener:
 
     def listen(self, conn: psycopg.Connection) -> None:
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        self.connected.set()
         # Anything published before LISTEN took effect was not notified to us.
         self.wake(self.waited())
         recheck_at = time.monotonic() + self.recheck_seconds
