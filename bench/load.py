@@ -135,9 +135,13 @@ class SqlClient:
 
     def __init__(self, engine):
         # Imported before the window: importing pubsub loads Flask and the rest of the app.
-        from pubsub.messages import ACK, CLAIM, PUBLISH, driver_sql, uuid_array
+        from pubsub.messages import ACK_CURRENT, CLAIM, PUBLISH, driver_sql, uuid_array
 
-        self.statements = {"publish": driver_sql(PUBLISH), "claim": driver_sql(CLAIM), "ack": driver_sql(ACK)}
+        self.statements = {
+            "publish": driver_sql(PUBLISH),
+            "claim": driver_sql(CLAIM),
+            "ack": driver_sql(ACK_CURRENT),
+        }
         self.uuid_array = uuid_array
         self.engine_conn = engine.connect()
         self.conn = self.engine_conn.connection.driver_connection
@@ -159,7 +163,7 @@ class SqlClient:
         return [(row[0], orjson.loads(row[1])) for row in rows]
 
     def ack(self, subscription_id: str, ids: list) -> None:
-        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids), "leases": None}
+        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids)}
         self.conn.execute(self.statements["ack"], params).fetchall()
 
     def close(self) -> None:

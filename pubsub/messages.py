@@ -150,6 +150,19 @@ ACK = settle_statement(
 )""",
 )
 
+# The hot path's form, fastpubsub's: message ids, no outcomes asked. One row back (how many),
+# instead of an outcome per id: the outcomes cost PostgreSQL about a fifth more per ack.
+ACK_CURRENT = sa.text(f"""
+WITH done AS (
+    DELETE FROM subscription_messages
+    WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DELIVERED}
+    RETURNING 1
+)
+INSERT INTO acked_messages (subscription_id, count)
+SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
+RETURNING count
+""")
+
 # Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
 BACKOFF_SECONDS = "LEAST(s.backoff_max_seconds, s.backoff_min_seconds * power(2, sm.delivery_attempts - 1))"
 EXHAUSTED = "sm.delivery_attempts >= s.max_delivery_attempts"
@@ -240,6 +253,7 @@ _DRIVER_SQL = {
         PUBLISH_RECEIPTS,
         CLAIM,
         ACK,
+        ACK_CURRENT,
         NACK,
         EXTEND,
         REPROCESS,
@@ -336,6 +350,15 @@ def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, 
 def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -> list[int]:
     """Acknowledge current deliveries; anything else named is left alone (STALE, NOT_FOUND)."""
     return settle(conn, ACK, subscription_id, refs)
+
+
+def ack_current(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
+    """Acknowledge the current deliveries of these messages; returns how many. Others are ignored."""
+    row = run(conn, ACK_CURRENT, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).fetchone()
+    if row is None:
+        ensure_subscription(conn, subscription_id)
+        return 0
+    return row[0]
 
 
 def nack(

@@ -155,6 +155,11 @@ def ack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable
     return messages.ACK, settle_params(backlog, subscription_id)
 
 
+def ack_current_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
+    ids = messages.uuid_array(backlog.delivered_ids[subscription_id])
+    return messages.ACK_CURRENT, {"subscription_id": subscription_id, "ids": ids}
+
+
 def nack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
     return messages.NACK, settle_params(backlog, subscription_id, delay_seconds=None)
 
@@ -181,6 +186,7 @@ def metrics_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Execut
 HOT_PATH: dict[str, Callable[[Backlog, str], tuple[sa.Executable, dict]]] = {
     "claim": claim_statement,
     "ack": ack_statement,
+    "ack_current": ack_current_statement,
     "nack": nack_statement,
     "extend": extend_statement,
     "metrics": metrics_statement,
