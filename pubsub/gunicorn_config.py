@@ -9,7 +9,9 @@ from prometheus_client import multiprocess
 # gunicorn reads every name here that matches one of its settings, and `config` does: hence the alias.
 from pubsub import config as _defaults
 
-worker_class = "gthread"
+# gthread, serving a kept-alive connection's next request in the thread that answered the last one
+# (pubsub/worker.py).
+worker_class = "pubsub.worker.ThreadWorker"
 # Workers stay up through a slow database; gunicorn restarts one only if it truly hangs.
 timeout = 60
 graceful_timeout = 20

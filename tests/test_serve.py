@@ -199,7 +199,7 @@ def test_serve_runs_gunicorn_workers_and_stops_them_on_sigterm(database_url, tmp
         master, workers = gunicorn_processes(process, 2)
         assert "gunicorn" in " ".join(master.cmdline())
         assert len(workers) == 2
-        assert "Using worker: gthread" in output_of(log)
+        assert "Using worker: pubsub.worker.ThreadWorker" in output_of(log)
 
         assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
         assert request(port, "POST", "/subscriptions", {"id": "mailer", "topic_id": "orders"})[0] == 201
