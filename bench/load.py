@@ -148,9 +148,9 @@ class SqlClient:
         self.conn.autocommit = True
 
     def publish(self, topic_id: str, body: bytes) -> None:
-        params = {"topic_id": topic_id, "payloads": body.decode()}
-        topics = self.conn.execute(self.statements["publish"], params).fetchone()[0]
-        if topics == 0:
+        params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{body.decode()}]"}
+        found = self.conn.execute(self.statements["publish"], params).fetchone()[0]
+        if not found:
             raise RequestFailed(f"publish: topic {topic_id!r} not found")
 
     def claim(

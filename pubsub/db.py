@@ -154,6 +154,14 @@ def before_next_transaction(check: Callable[[sa.Connection], None]) -> Callable:
     return check
 
 
+def run_all_pending() -> None:
+    """Run the request's queued checks now, before a statement that may run on another request's
+    connection (pubsub.grouping), which must not run ours."""
+    if g.get("pending_checks"):
+        with connect():  # which runs them, one round trip each
+            pass
+
+
 def run_pending(check: Callable) -> None:
     """Run the check in a transaction of its own if no transaction has run it yet."""
     pending = g.get("pending_checks", [])

@@ -9,6 +9,7 @@ consumer receives, so Python never decodes or re-encodes them.
 import uuid
 from collections.abc import Sequence
 
+import orjson
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
@@ -22,32 +23,40 @@ NOTIFY_CHANNEL = "pubsub"
 # Per-item outcomes of ack, nack and extend (settle_statement).
 DONE, STALE, NOT_FOUND = 0, 1, 2
 
-# The whole batch, fanned out to every subscription whose filter matches, in one INSERT ...
-# SELECT. Each message gets one id, shared by its copies. FOR KEY SHARE keeps a concurrent
-# subscription delete from committing between our read of the subscription and our insert,
-# which would leave orphan messages behind; it also makes a long-poll waiter's FOR UPDATE of the
+
+# Publishes, each a batch to one topic, in one INSERT ... SELECT: every message fanned out to
+# each subscription of its topic whose filter matches. Several requests' publishes may share one
+# statement and its commit (publish_many); request k is the k-th topic id and the k-th array of
+# :payloads. Each message gets one id, shared by its copies. FOR KEY SHARE keeps a concurrent
+# subscription delete from committing between our read of the subscription and our insert, which
+# would leave orphan messages behind; it also makes a long-poll waiter's FOR UPDATE of the
 # subscription (listener.mark_waiting) wait for this statement, or this statement see its mark.
 # Filter: every key's allowed values must contain the payload's field; a missing field gives
 # [null], which no filter contains (null is not an accepted filter value).
 # NOTIFY: once per subscription that got a copy and has long-poll consumers waiting.
-PUBLISH_CTES = f"""
-WITH topic AS (
-    SELECT id FROM topics WHERE id = :topic_id
+def publish_ctes(lock: str) -> str:
+    return f"""
+WITH requests AS MATERIALIZED (
+    SELECT r.topic_id, r.k
+    FROM jsonb_array_elements_text(CAST(:topic_ids AS jsonb)) WITH ORDINALITY AS r (topic_id, k)
+), found AS (
+    SELECT requests.k FROM requests JOIN topics ON topics.id = requests.topic_id
 ), subs AS (
-    SELECT id, filter, coalesce(notify_until > now(), false) AS notify
-    FROM subscriptions WHERE topic_id = :topic_id FOR KEY SHARE
+    SELECT id, topic_id, filter, coalesce(notify_until > now(), false) AS notify
+    FROM subscriptions WHERE topic_id IN (SELECT topic_id FROM requests) {lock}
 ), published AS MATERIALIZED (
-    SELECT gen_random_uuid() AS id, m.payload, m.n
-    FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS m (payload, n)
+    SELECT gen_random_uuid() AS id, m.payload, b.k, m.n
+    FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS b (batch, k),
+         jsonb_array_elements(b.batch) WITH ORDINALITY AS m (payload, n)
 ), inserted AS (
     INSERT INTO subscription_messages (subscription_id, id, payload, state)
     SELECT subs.id, published.id, published.payload, {AVAILABLE}
-    FROM published CROSS JOIN subs
+    FROM published JOIN requests ON requests.k = published.k JOIN subs ON subs.topic_id = requests.topic_id
     WHERE subs.filter IS NULL OR NOT EXISTS (
         SELECT 1 FROM jsonb_each(subs.filter) AS f (key, allowed)
         WHERE NOT f.allowed @> jsonb_build_array(published.payload -> f.key)
     )
-    ORDER BY published.n, subs.id
+    ORDER BY published.k, published.n, subs.id
     RETURNING subscription_id, id
 ), notified AS (
     SELECT pg_notify('{NOTIFY_CHANNEL}', subs.id) FROM subs
@@ -55,19 +64,30 @@ WITH topic AS (
 )
 """
 
-PUBLISH = sa.text(f"""{PUBLISH_CTES}
-SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM inserted) AS copies,
-       (SELECT count(*) FROM notified) AS notified
-""")
 
-# The same, answering each message's id and how many subscriptions got it, in request order.
-PUBLISH_RECEIPTS = sa.text(f"""{PUBLISH_CTES}
-SELECT (SELECT count(*) FROM topic) AS topics, (SELECT count(*) FROM notified) AS notified,
+# Which requests' topics exist (their k), and how many copies were queued in all.
+PUBLISHED = """
+SELECT ARRAY(SELECT k FROM found) AS found, (SELECT count(*) FROM inserted) AS copies,
+       (SELECT count(*) FROM notified) AS notified
+"""
+PUBLISH = sa.text(publish_ctes("FOR KEY SHARE") + PUBLISHED)
+# Shared by several requests: a subscription locked against publishes (being deleted, or marked
+# by a long-poll waiter) fails it at once, and each request runs PUBLISH alone, so that one
+# topic's wait holds up no other topic's publishes.
+PUBLISH_NOWAIT = sa.text(publish_ctes("FOR KEY SHARE NOWAIT") + PUBLISHED)
+
+# One request's publish, answering each message's id and how many subscriptions got it, in
+# request order.
+PUBLISH_RECEIPTS = sa.text(
+    publish_ctes("FOR KEY SHARE")
+    + """
+SELECT EXISTS (SELECT 1 FROM found) AS found, (SELECT count(*) FROM notified) AS notified,
        published.id::text AS id, count(inserted.id) AS subscriptions
 FROM published LEFT JOIN inserted ON inserted.id = published.id
 GROUP BY published.n, published.id
 ORDER BY published.n
-""")
+"""
+)
 
 # SKIP LOCKED: consumers never wait on each other, and never get the same locked message.
 # Claimable: available messages past their backoff, and delivered ones past their ack deadline
@@ -250,6 +270,7 @@ _DRIVER_SQL = {
     statement: driver_sql(statement)
     for statement in (
         PUBLISH,
+        PUBLISH_NOWAIT,
         PUBLISH_RECEIPTS,
         CLAIM,
         ACK,
@@ -283,21 +304,45 @@ def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
 
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
-    topics, copies, _ = run(conn, PUBLISH, {"topic_id": topic_id, "payloads": payloads_json}).fetchone()
-    if topics == 0:
+    found, copies = publish_many(conn, [(topic_id, payloads_json)])
+    if not found[0]:
         raise NotFound(f"topic {topic_id!r} not found")
     return copies
+
+
+def publish_many(
+    conn: sa.Connection, batches: Sequence[tuple[str, str]], wait: bool = True
+) -> tuple[list[bool], int]:
+    """Publish several (topic id, JSON array of objects as text) batches in one statement: whether
+    each one's topic exists, and how many copies were queued in all. A batch to a missing topic
+    queues nothing; the others are published all the same. Without `wait`, a subscription locked
+    against publishes fails the statement at once (psycopg.errors.LockNotAvailable)."""
+    params = {
+        "topic_ids": orjson.dumps([topic_id for topic_id, _ in batches]).decode(),
+        "payloads": "[" + ",".join(payloads for _, payloads in batches) + "]",
+    }
+    found, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
+    exists = set(found)
+    return [k in exists for k in range(1, len(batches) + 1)], copies
 
 
 def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str) -> list[tuple[str, int]]:
     """Publish as publish() does; returns each message's (id, subscriptions that got a copy), in
     request order."""
-    rows = run(conn, PUBLISH_RECEIPTS, {"topic_id": topic_id, "payloads": payloads_json}).fetchall()
+    params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{payloads_json}]"}
+    rows = run(conn, PUBLISH_RECEIPTS, params).fetchall()
     if not rows:  # an empty batch: nothing to answer, but the topic must exist
         publish(conn, topic_id, payloads_json)
-    elif rows[0][0] == 0:
+    elif not rows[0][0]:
         raise NotFound(f"topic {topic_id!r} not found")
     return [(id, subscriptions) for _, _, id, subscriptions in rows]
+
+
+def outcome_known(error: Exception) -> bool:
+    """Whether a statement that raised this surely committed nothing: anything but a lost
+    connection, after which the commit may or may not have happened."""
+    lost = isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)) and error.sqlstate is None
+    return not lost
 
 
 # Claims in one consume: each further one dead-letters at least one lapsed lease.

@@ -1,5 +1,8 @@
 """Topics, and publishing to them."""
 
+from collections.abc import Sequence
+
+from flask import current_app
 from flask.views import MethodView
 
 from pubsub import db, messages, topics
@@ -12,6 +15,8 @@ from pubsub.blueprints import (
     representation,
     wants_representation,
 )
+from pubsub.errors import NotFound
+from pubsub.grouping import GroupCommit
 from pubsub.schemas import (
     EXTENSION,
     MAX_PUBLISH_BATCH,
@@ -90,9 +95,44 @@ class TopicMessages(MethodView):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
+        if not wants_representation():
+            publish_grouped(id, raw.decode())
+            return None
         with db.connect() as conn:
-            if not wants_representation():
-                messages.publish(conn, id, raw.decode())
-                return None
             receipts = messages.publish_with_receipts(conn, id, raw.decode())
         return representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
+
+
+# Publishes share statements and commits with the ones running beside them in this process, up
+# to this many requests or bytes of JSON per statement; a larger body runs alone.
+PUBLISH_GROUP_MAX_REQUESTS = 64
+PUBLISH_GROUP_MAX_BYTES = 256 * 1024
+
+
+def publish_grouped(topic_id: str, payloads: str) -> None:
+    """Publish one request's batch, in a statement shared with concurrent publishes."""
+    group = current_app.extensions.get("pubsub_publish_group")
+    if group is None:
+        group = current_app.extensions.setdefault(
+            "pubsub_publish_group",
+            GroupCommit(
+                publish_group,
+                publish_alone,
+                messages.outcome_known,
+                PUBLISH_GROUP_MAX_REQUESTS,
+                PUBLISH_GROUP_MAX_BYTES,
+            ),
+        )
+    db.run_all_pending()  # the statement may run on another request's connection
+    if not group.run((topic_id, payloads), len(payloads)):
+        raise NotFound(f"topic {topic_id!r} not found")
+
+
+def publish_group(batches: Sequence[tuple[str, str]]) -> list[bool]:
+    with db.connect() as conn:
+        return messages.publish_many(conn, batches, wait=False)[0]
+
+
+def publish_alone(batch: tuple[str, str]) -> bool:
+    with db.connect() as conn:
+        return messages.publish_many(conn, [batch])[0][0]
