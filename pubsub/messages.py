@@ -340,9 +340,11 @@ def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str
 
 def outcome_known(error: Exception) -> bool:
     """Whether a statement that raised this surely committed nothing: anything but a lost
-    connection, after which the commit may or may not have happened."""
-    lost = isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)) and error.sqlstate is None
-    return not lost
+    connection (class 08, or a server shutting down or killing the backend: 57P), after which
+    its commit may or may not have happened."""
+    if not isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    return error.sqlstate is not None and not error.sqlstate.startswith(("08", "57P"))
 
 
 # Claims in one consume: each further one dead-letters at least one lapsed lease.

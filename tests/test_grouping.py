@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from pubsub import messages
 from pubsub.grouping import GroupCommit
 
 WAIT = 10  # seconds: every wait below is bounded
@@ -367,3 +368,20 @@ def test_a_publish_waiting_for_a_locked_subscription_holds_up_no_other_topic(app
     assert sorted((sub, n) for sub, n, _ in stored(database_url)) == [("billing", n) for n in range(1, 6)] + [
         ("sub", 0)
     ]
+
+
+@pytest.mark.parametrize(
+    ("error", "known"),
+    [
+        (psycopg.errors.LockNotAvailable("NOWAIT"), True),
+        (psycopg.errors.UntranslatableCharacter("\\u0000 in jsonb"), True),
+        (psycopg.errors.QueryCanceled("statement timeout"), True),
+        (KeyError("a bug before the statement ran"), True),
+        (psycopg.OperationalError("server closed the connection unexpectedly"), False),
+        (psycopg.InterfaceError("the connection is lost"), False),
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), False),
+        (psycopg.errors.ConnectionFailure("connection failure"), False),
+    ],
+)
+def test_only_a_lost_connection_leaves_a_failed_statements_outcome_unknown(error, known):
+    assert messages.outcome_known(error) is known
