@@ -333,3 +333,13 @@ def test_a_subscription_only_gets_messages_published_after_it(orders, api):
     api.publish("orders", [{"n": 2}])
     assert [m["payload"]["n"] for m in api.consume("late")] == [2]
     assert len(api.consume("early")) == 2
+
+
+def test_a_204_has_no_body_and_no_content_type(api, client):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    response = client.post("/topics/orders/messages", json=[{"n": 1}])
+    assert (response.status_code, response.data, response.content_type) == (204, b"", None)
+    message = api.consume("sub")[0]
+    response = client.post("/subscriptions/sub/acks", json=[message["id"]])
+    assert (response.status_code, response.data, response.content_type) == (204, b"", None)

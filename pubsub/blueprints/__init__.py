@@ -67,6 +67,13 @@ def document_only(decorator: Callable) -> Callable:
     return apply
 
 
+class NoContent(Response):
+    """A 204: no body, so no Content-Type (Werkzeug's default would say text/html), and cheaper
+    to build."""
+
+    default_mimetype = None
+
+
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = OrjsonParser()
 
@@ -96,7 +103,7 @@ class Blueprint(flask_smorest.Blueprint):
             @functools.wraps(view)
             def wrapper(*args, **kwargs):
                 result = view(*args, **kwargs)
-                return Response(status=204) if result is None else result
+                return NoContent(status=204) if result is None else result
 
             wrapper._apidoc = decorator(view)._apidoc
             return wrapper
