@@ -34,6 +34,9 @@ DONE, STALE, NOT_FOUND = 0, 1, 2
 # Filter: every key's allowed values must contain the payload's field; a missing field gives
 # [null], which no filter contains (null is not an accepted filter value).
 # NOTIFY: once per subscription that got a copy and has long-poll consumers waiting.
+# The topic ids travel as one JSON array: as a text[] matched with `= ANY`, the generic plan's
+# estimates differed from the custom plans', so PostgreSQL planned the statement anew at every run,
+# which cost more than running it.
 def publish_ctes(lock: str) -> str:
     return f"""
 WITH requests AS MATERIALIZED (

@@ -320,30 +320,21 @@ def test_publishes_queued_behind_a_statement_share_the_next_one_and_all_are_stor
     assert api.consume("audit")[0]["id"] == api.consume("billing")[0]["id"]  # one id per message
 
 
-def test_a_publish_to_a_missing_topic_fails_alone_in_its_group(app, api, database_url, locks):
-    api.create_topic("orders")
-    api.create_subscription("sub", "orders")
-    statuses = publish_group_of(
-        app,
-        locks,
-        ("orders", [{"n": 0}]),
-        [("orders", [{"n": 1}]), ("nowhere", [{"n": 2}]), ("orders", [{"n": 3}])],
-    )
-    assert statuses == {0: 204, 1: 204, 2: 404, 3: 204}
-    assert sorted(n for _, n, _ in stored(database_url)) == [0, 1, 3]
-
-
-def test_data_postgresql_refuses_fails_only_its_own_publish_in_a_group(app, api, database_url, locks):
-    api.create_topic("orders")
-    api.create_subscription("sub", "orders")
-    statuses = publish_group_of(
-        app,
-        locks,
-        ("orders", [{"n": 0}]),
+@pytest.mark.parametrize(
+    ("failing", "status"),
+    [
+        (("nowhere", [{"n": 2}]), 404),
         # jsonb cannot store \u0000: PostgreSQL refuses the whole statement it is in.
-        [("orders", [{"n": 1}]), ("orders", [{"n": 2, "text": "nul \u0000 here"}]), ("orders", [{"n": 3}])],
-    )
-    assert statuses == {0: 204, 1: 204, 2: 422, 3: 204}
+        (("orders", [{"n": 2, "text": "nul \u0000 here"}]), 422),
+    ],
+    ids=["missing topic", "data PostgreSQL refuses"],
+)
+def test_a_publish_that_fails_fails_alone_in_its_group(app, api, database_url, locks, failing, status):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    others = [("orders", [{"n": 1}]), failing, ("orders", [{"n": 3}])]
+    statuses = publish_group_of(app, locks, ("orders", [{"n": 0}]), others)
+    assert statuses == {0: 204, 1: 204, 2: status, 3: 204}
     assert sorted(n for _, n, _ in stored(database_url)) == [0, 1, 3]
 
 
