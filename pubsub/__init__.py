@@ -46,11 +46,13 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     # env.py uses our engine and tables.metadata, so Flask-Migrate needs no Flask-SQLAlchemy.
     Migrate(directory=MIGRATIONS_DIR).init_app(app)
     encoding.init_app(app)
+    from pubsub.blueprints import clients, health, oauth, subscriptions, topics
+
+    # Inside the request observer, so that direct publishes get a request id and are counted.
+    app.wsgi_app = topics.DirectPublish(app, app.wsgi_app)
     observability.init_app(app)
     api = PubSubApi(app)
     auth.init_app(app, api)
-
-    from pubsub.blueprints import clients, health, oauth, subscriptions, topics
 
     for module in (topics, subscriptions, clients, oauth, health):
         api.register_blueprint(module.blp)

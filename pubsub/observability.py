@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the same header, as WSGI names it
 REQUEST_ID_KEY = "pubsub.request_id"  # where the middleware leaves the id for the logs
+ROUTE_KEY = "pubsub.url_rule"  # the route of a request answered without Flask's routing
 # `<id>` or `<converter(args):id>` in a Werkzeug rule; the label keeps only the name.
 ROUTE_PARAMETER = re.compile(r"<(?:[^<>:]+:)?([^<>:]+)>")
 
@@ -140,9 +141,11 @@ class RequestObserver:
 
         def start(status, headers, exc_info=None):
             headers.append((REQUEST_ID_HEADER, request_id))
-            # Still inside Flask's request context, whose request knows the route it matched
-            # (Flask unlinks it from the environ when the context ends).
-            seen.append((status, getattr(environ.get("werkzeug.request"), "url_rule", None)))
+            # A direct publish names its route itself; otherwise this runs still inside Flask's
+            # request context, whose request knows the route it matched (Flask unlinks it from
+            # the environ when the context ends).
+            rule = environ.get(ROUTE_KEY) or getattr(environ.get("werkzeug.request"), "url_rule", None)
+            seen.append((status, rule))
             return start_response(status, headers, exc_info)
 
         gauge = in_progress(method)

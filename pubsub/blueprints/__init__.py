@@ -23,8 +23,12 @@ def request_body() -> bytes:
     """The raw body, or 413 when it is larger than MAX_CONTENT_LENGTH (API_MAX_BODY_BYTES).
 
     Werkzeug refuses a larger Content-Length itself, but cuts a chunked body (no length) at the
-    limit without a word: one more byte to read means it was larger."""
+    limit without a word: one more byte to read means it was larger. A body shorter than its
+    Content-Length is a 400: gunicorn ends the stream where the client stopped sending, and
+    what came may still parse as JSON."""
     raw = request.get_data(cache=True)
+    if request.content_length is not None and len(raw) < request.content_length:
+        raise BadRequest("the body is shorter than its Content-Length")
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is None and limit is not None and len(raw) >= limit:
         if request.environ["wsgi.input"].read(1):

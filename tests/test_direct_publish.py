@@ -1,0 +1,202 @@
+"""blueprints.topics.DirectPublish: a plain publish answered without Flask's request machinery,
+and every other publish left to the view, with the same answers either way.
+
+Each request below goes to two apps on the same database: the app as built, and one whose
+DirectPublish is taken out, so that Flask and the view answer everything. Their answers must be
+the same: status, headers (but the request id) and body.
+"""
+
+import http.client
+import json
+import re
+import socket
+
+import pytest
+
+from pubsub.schemas import UUID_PATTERN
+from tests.auth_support import EXPIRE_MINUTES, SECRET_KEY
+from tests.conftest import ApiHelper
+from tests.test_observability import sample
+from tests.test_serve import free_port, serve_env, serving, wait_until_live
+
+UUID = re.compile(UUID_PATTERN.encode())
+LIMIT = 8192  # API_MAX_BODY_BYTES of both apps
+JSON = "application/json"
+
+
+class Routed:
+    """An app's test client, counting the requests that reached Flask."""
+
+    def __init__(self, app, direct: bool):
+        observer = app.wsgi_app  # RequestObserver(DirectPublish(Flask.wsgi_app))
+        self.direct_publish = observer.wsgi_app
+        flask_app = self.direct_publish.wsgi_app
+        self.reached_flask = 0
+
+        def counted(environ, start_response):
+            self.reached_flask += 1
+            return flask_app(environ, start_response)
+
+        if direct:
+            self.direct_publish.wsgi_app = counted
+        else:
+            observer.wsgi_app = counted
+        self.client = app.test_client()
+
+    def answer(self, path: str, **request) -> tuple[int, dict, bytes]:
+        response = self.client.post(path, **request)
+        headers = {name: value for name, value in response.headers.items() if name != "X-Request-ID"}
+        # Message ids are new on every publish.
+        return response.status, headers, UUID.sub(b"<uuid>", response.get_data())
+
+
+@pytest.fixture(scope="module")
+def apps(make_app) -> tuple[Routed, Routed]:
+    return Routed(make_app(API_MAX_BODY_BYTES=LIMIT), True), Routed(make_app(API_MAX_BODY_BYTES=LIMIT), False)
+
+
+@pytest.fixture
+def direct(apps) -> Routed:
+    apps[0].reached_flask = 0
+    return apps[0]
+
+
+@pytest.fixture
+def flask_only(apps) -> Routed:
+    apps[1].reached_flask = 0
+    return apps[1]
+
+
+@pytest.fixture
+def orders(direct) -> ApiHelper:
+    api = ApiHelper(direct.client)
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    direct.reached_flask = 0
+    return api
+
+
+PUBLISH = "/topics/orders/messages"
+
+# (what, path, request, whether DirectPublish answers it, the status)
+CASES = [
+    ("one object", PUBLISH, {"json": [{"n": 1}]}, True, 204),
+    ("a batch", PUBLISH, {"json": [{"n": 1}, {"tags": ["a", "b"]}, {}]}, True, 204),
+    ("an empty array", PUBLISH, {"json": []}, True, 204),
+    ("a charset", PUBLISH, {"data": b'[{"n": 1}]', "content_type": f"{JSON}; charset=utf-8"}, True, 204),
+    ("upper case", PUBLISH, {"data": b'[{"n": 1}]', "content_type": "Application/JSON"}, True, 204),
+    (
+        "the largest body",
+        PUBLISH,
+        {"data": b'[{"s": "' + b"x" * (LIMIT - 11) + b'"}]', "content_type": JSON},
+        True,
+        204,
+    ),
+    ("a missing topic", "/topics/missing/messages", {"json": [{"n": 1}]}, True, 404),
+    ("a NUL character", PUBLISH, {"data": b'[{"s": "\\u0000"}]', "content_type": JSON}, True, 422),
+    ("malformed JSON", PUBLISH, {"data": b'[{"n": ', "content_type": JSON}, False, 400),
+    ("not UTF-8", PUBLISH, {"data": b'[{"s": "\xff"}]', "content_type": JSON}, False, 400),
+    ("an object", PUBLISH, {"json": {"n": 1}}, False, 422),
+    ("an item that is no object", PUBLISH, {"json": [{"n": 1}, 2]}, False, 422),
+    ("too many items", PUBLISH, {"json": [{}] * 1001}, False, 422),
+    (
+        "a body over the limit",
+        PUBLISH,
+        {"data": b'[{"s": "' + b"x" * LIMIT + b'"}]', "content_type": JSON},
+        False,
+        413,
+    ),
+    ("not JSON", PUBLISH, {"data": b'[{"n": 1}]', "content_type": "text/plain"}, False, 415),
+    ("no content type", PUBLISH, {"data": b'[{"n": 1}]'}, False, 415),
+    ("Prefer", PUBLISH, {"json": [{"n": 1}], "headers": {"Prefer": "return=representation"}}, False, 201),
+    ("Prefer, ignored", PUBLISH, {"json": [{"n": 1}], "headers": {"Prefer": "respond-async"}}, False, 204),
+    ("an id that needs decoding", "/topics/%C3%A9t%C3%A9/messages", {"json": [{"n": 1}]}, False, 404),
+    ("a trailing slash", PUBLISH + "/", {"json": [{"n": 1}]}, False, 404),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_", "answered_directly", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_a_publish_gets_the_same_answer_with_or_without_the_direct_path(
+    orders, direct, flask_only, path, request_, answered_directly, status
+):
+    expected = flask_only.answer(path, **request_)
+    assert int(expected[0][:3]) == status, expected
+    assert direct.answer(path, **request_) == expected
+    assert direct.reached_flask == (0 if answered_directly else 1)
+    assert flask_only.reached_flask == 1
+
+
+def test_direct_publishes_are_stored_once_each_in_order(orders, direct):
+    for n in range(5):
+        orders.publish("orders", [{"n": n, "i": 0}, {"n": n, "i": 1}])
+    assert direct.reached_flask == 0
+    payloads = [m["payload"] for m in orders.consume("sub", batch_size=20)]
+    assert payloads == [{"n": n, "i": i} for n in range(5) for i in range(2)]
+
+
+def test_with_auth_on_every_publish_goes_through_the_view(make_app):
+    app = make_app(
+        AUTH_ENABLED=True, AUTH_SECRET_KEY=SECRET_KEY, AUTH_ACCESS_TOKEN_EXPIRE_MINUTES=EXPIRE_MINUTES
+    )
+    routed = Routed(app, direct=True)
+    status, _, _ = routed.answer(PUBLISH, json=[{"n": 1}])
+    assert status.startswith("401")
+    assert routed.reached_flask == 1
+
+
+def test_direct_publishes_get_a_request_id_and_are_counted_under_their_route(orders, direct):
+    before = direct.client.get("/metrics").get_data(as_text=True)
+    response = direct.client.post(PUBLISH, json=[{"n": 1}], headers={"X-Request-ID": "trace-9"})
+    assert (response.status_code, response.headers["X-Request-ID"]) == (204, "trace-9")
+    assert direct.client.post("/topics/missing/messages", json=[{"n": 1}]).status_code == 404
+    after = direct.client.get("/metrics").get_data(as_text=True)
+
+    def delta(status: str) -> float:
+        labels = {"method": "POST", "path": "/topics/{id}/messages", "status": status}
+        return sample(after, "http_requests_total", **labels) - sample(
+            before, "http_requests_total", **labels
+        )
+
+    assert (delta("204"), delta("404")) == (1, 1)
+
+
+@pytest.mark.slow
+def test_on_gunicorn_a_kept_alive_connection_carries_direct_and_other_publishes(database_url, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="1", API_NUM_THREADS="2")
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            headers = {"Content-Type": JSON}
+            for method, path, body, status in [
+                ("POST", "/topics", '{"id": "orders"}', 201),
+                ("POST", "/subscriptions", '{"id": "sub", "topic_id": "orders"}', 201),
+                ("POST", PUBLISH, '[{"n": 1}]', 204),
+                ("POST", PUBLISH, '[{"n": ', 400),  # read by the direct path, answered by Flask
+                ("POST", PUBLISH, '[{"n": 2}]', 204),
+                ("GET", "/subscriptions/sub/messages?consumer_id=c&batch_size=10", None, 200),
+            ]:
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                answer = response.read()
+                assert response.status == status, answer
+            assert [m["payload"] for m in json.loads(answer)["data"]] == [{"n": 1}, {"n": 2}]
+        finally:
+            conn.close()
+        # A client that sends less than its Content-Length and leaves: the server stays up.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"POST {PUBLISH} HTTP/1.1\r\nHost: x\r\nContent-Type: {JSON}\r\n".encode())
+            sock.sendall(b'Content-Length: 100\r\n\r\n[{"n": 3}]')
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(65536)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/subscriptions/sub/metrics")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert json.loads(response.read())["available"] == 0
+        finally:
+            conn.close()
