@@ -165,6 +165,12 @@ def read_json_body() -> tuple[Any, bytes]:
 def load_json_array(max_items: int, item: Callable[[Any], Any] | None = None) -> tuple[list, bytes]:
     """A JSON array body of at most max_items, each item checked (and converted) by `item`."""
     body, raw = read_json_body()
+    return checked_array(body, max_items, item), raw
+
+
+def checked_array(body: Any, max_items: int, item: Callable[[Any], Any] | None = None) -> list:
+    """The parsed body as a JSON array of at most max_items, each item checked (and converted) by
+    `item`, or ValidationFailed naming what is wrong."""
     if not isinstance(body, list):
         raise ValidationFailed({"json": ["must be a JSON array"]})
     if len(body) > max_items:
@@ -174,7 +180,7 @@ def load_json_array(max_items: int, item: Callable[[Any], Any] | None = None) ->
             body = [item(value) for value in body]
         except ma.ValidationError:  # the slow path, only to name every bad item
             raise ValidationFailed(item_problems(body, item)) from None
-    return body, raw
+    return body
 
 
 def item_problems(body: list, item: Callable[[Any], Any]) -> dict[str, list[str]]:

@@ -13,13 +13,14 @@ from pubsub import db, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
+    checked_array,
     document_prefer,
     json_object,
     load_json_array,
     representation,
     wants_representation,
 )
-from pubsub.errors import NotFound
+from pubsub.errors import NotFound, ValidationFailed
 from pubsub.grouping import GroupCommit
 from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
@@ -205,13 +206,9 @@ class DirectPublish:
 
 
 def is_plain_batch(raw: bytes) -> bool:
-    """Whether the body is a JSON array the view accepts as it is: at most MAX_PUBLISH_BATCH objects."""
+    """Whether the view would accept the body as it is (the same checks)."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        checked_array(orjson.loads(raw), MAX_PUBLISH_BATCH, json_object)
+    except (orjson.JSONDecodeError, ValidationFailed):
         return False
-    return (
-        isinstance(body, list)
-        and len(body) <= MAX_PUBLISH_BATCH
-        and all(isinstance(item, dict) for item in body)
-    )
+    return True
