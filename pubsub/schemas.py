@@ -11,9 +11,10 @@ from pubsub.clients import SCOPES_PATTERN, normalize_scopes
 from pubsub.errors import InvalidInput
 from pubsub.tables import MAX_ACK_DEADLINE_SECONDS, MIN_ACK_DEADLINE_SECONDS
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"  # as documented (ECMA-262: $ is the very end)
+ID = r"[A-Za-z0-9._-]{1,128}"  # the id of a topic or a subscription
+ID_PATTERN = f"^{ID}$"  # as documented (ECMA-262: $ is the very end)
 # Checked with \Z: Python's $ also matches before a final newline, which let "orders\n" in.
-ID_REGEX = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+ID_REGEX = re.compile(ID + r"\Z")
 FILTER_MAX_KEYS = 32
 FILTER_MAX_VALUES = 100
 MAX_BATCH_IDS = 1000

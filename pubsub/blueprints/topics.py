@@ -25,6 +25,7 @@ from pubsub.grouping import GroupCommit
 from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
     EXTENSION,
+    ID,
     MAX_PUBLISH_BATCH,
     PUBLISH_BODY,
     ErrorSchema,
@@ -146,7 +147,7 @@ def publish_alone(batch: tuple[str, str]) -> bool:
 
 # A publish that is plainly valid, sent without auth or Prefer: the view would store its body as
 # is and answer 204. Its topic id is one topics can have, so it needs no URL decoding.
-DIRECT_PATH = re.compile(r"/topics/([A-Za-z0-9._-]{1,128})/messages")
+DIRECT_PATH = re.compile(f"/topics/({ID})/messages")
 DIRECT_LENGTH = re.compile(r"[0-9]{1,12}")
 NO_CONTENT = f"204 {HTTP_STATUS_CODES[204].upper()}"  # as Werkzeug spells it
 
@@ -193,13 +194,16 @@ class DirectPublish:
         path = DIRECT_PATH.fullmatch(environ.get("PATH_INFO", ""))
         length = DIRECT_LENGTH.fullmatch(environ.get("CONTENT_LENGTH", ""))
         limit = self.app.config["MAX_CONTENT_LENGTH"]
-        if path is None or length is None or (limit is not None and int(length[0]) > limit):
+        if path is None or length is None:
+            return None
+        size = int(length[0])
+        if limit is not None and size > limit:
             return None
         try:
-            raw = environ["wsgi.input"].read(int(length[0]))
+            raw = environ["wsgi.input"].read(size)
         except OSError:
             return None  # Flask meets the same broken stream, and answers it as usual
-        if len(raw) == int(length[0]) and is_plain_batch(raw):
+        if len(raw) == size and is_plain_batch(raw):
             return path[1], raw.decode()
         environ["wsgi.input"] = io.BytesIO(raw)
         return None
