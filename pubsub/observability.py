@@ -166,8 +166,9 @@ BACKLOG_TIMEOUT_MS = 5000
 def backlog_families(backlog: list[dict]) -> list[Metric]:
     messages = GaugeMetricFamily(
         "pubsub_subscription_messages",
-        "Messages a subscription holds, by state: available (ready now), delayed (waiting out a"
-        " backoff), delivered (not yet acked) and dlq",
+        "Messages a subscription holds, by state: available (ready now, including deliveries past"
+        " their ack deadline), delayed (waiting out a backoff), delivered (leased and not yet acked)"
+        " and dlq",
         labels=["subscription", "state"],
     )
     oldest = GaugeMetricFamily(

@@ -117,30 +117,33 @@ def mark_waiting(conn: sa.Connection, subscription_id: str, seconds: int) -> Non
     )
 
 
-def count_messages(state: int, subscription_id: str) -> sa.ScalarSelect:
+def count_messages(subscription_id: str, state: int, *when) -> sa.ScalarSelect:
+    m = subscription_messages
     return (
         sa.select(sa.func.count())
-        .select_from(subscription_messages)
-        .where(
-            subscription_messages.c.subscription_id == subscription_id, subscription_messages.c.state == state
-        )
+        .select_from(m)
+        .where(m.c.subscription_id == subscription_id, m.c.state == state, *when)
         .scalar_subquery()
     )
 
 
 def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
-    """Counts by state, from the claim index and the per-ack-statement log (never full history)."""
+    """Counts by state, from the claim index and the per-ack-statement log (never full history).
+    A delivery past its ack deadline counts as available: the next consume claims it."""
+    m = subscription_messages
     acked = (
         sa.select(sa.func.coalesce(sa.func.sum(acked_messages.c.count), 0))
         .where(acked_messages.c.subscription_id == subscription_id)
         .scalar_subquery()
     )
+    now = sa.func.now()
+    lapsed = count_messages(subscription_id, DELIVERED, m.c.available_at <= now)
     stmt = sa.select(
         subscriptions.c.id.label("subscription_id"),
-        count_messages(AVAILABLE, subscription_id).label("available"),
-        count_messages(DELIVERED, subscription_id).label("delivered"),
+        (count_messages(subscription_id, AVAILABLE) + lapsed).label("available"),
+        count_messages(subscription_id, DELIVERED, m.c.available_at > now).label("delivered"),
         acked.label("acked"),
-        count_messages(DLQ, subscription_id).label("dlq"),
+        count_messages(subscription_id, DLQ).label("dlq"),
     ).where(subscriptions.c.id == subscription_id)
     row = conn.execute(stmt).mappings().first()
     if row is None:
@@ -159,9 +162,12 @@ def count_backlog(conn: sa.Connection) -> list[dict]:
     by_subscription = (
         sa.select(
             m.c.subscription_id,
-            sa.func.count().filter(m.c.state == AVAILABLE, m.c.available_at <= now).label("available"),
+            # A delivery past its ack deadline is available again: the next consume claims it.
+            sa.func.count()
+            .filter(m.c.state.in_((AVAILABLE, DELIVERED)), m.c.available_at <= now)
+            .label("available"),
             sa.func.count().filter(m.c.state == AVAILABLE, m.c.available_at > now).label("delayed"),
-            sa.func.count().filter(m.c.state == DELIVERED).label("delivered"),
+            sa.func.count().filter(m.c.state == DELIVERED, m.c.available_at > now).label("delivered"),
             sa.func.count().filter(m.c.state == DLQ).label("dlq"),
             sa.func.min(m.c.created_at).filter(m.c.state.in_((AVAILABLE, DELIVERED))).label("oldest"),
         )

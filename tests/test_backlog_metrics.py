@@ -115,6 +115,26 @@ def test_a_delayed_message_counts_as_available_once_its_backoff_ends(api, client
     assert counts(backlog_of(client)["sub"]) == {"available": 1, "delayed": 0, "delivered": 0, "dlq": 0}
 
 
+def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_touches_it(api, client):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    api.publish("orders", [{"n": 1}, {"n": 2}])
+    lapsing, kept = api.consume("sub", batch_size=2)
+    response = client.post("/subscriptions/sub/extend?seconds=1", json=[lapsing["ack_id"]])
+    assert response.status_code == 204, response.json
+    time.sleep(1.2)  # no consume and no cleanup-stuck in between: the row is still "delivered"
+    assert counts(backlog_of(client)["sub"]) == {"available": 1, "delayed": 0, "delivered": 1, "dlq": 0}
+    assert api.metrics("sub") | {"acked": None} == {
+        "subscription_id": "sub",
+        "available": 1,
+        "delivered": 1,
+        "acked": None,
+        "dlq": 0,
+    }
+    assert [message["id"] for message in api.consume("sub")] == [lapsing["id"]]  # as it said
+    assert counts(backlog_of(client)["sub"]) == {"available": 0, "delayed": 0, "delivered": 2, "dlq": 0}
+
+
 def test_oldest_unacked_age_covers_available_and_delivered_messages_only(api, client):
     api.create_topic("orders")
     api.create_subscription("sub", "orders", max_delivery_attempts=1)
