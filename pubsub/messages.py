@@ -20,8 +20,28 @@ from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 # Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
 NOTIFY_CHANNEL = "pubsub"
 
+# Plans that hold whatever the statistics say. PostgreSQL's statistics of subscription_messages
+# lag behind it: they may know only other subscriptions (a new one, an uncommon one), or describe
+# a table analyzed empty before a burst, or see no deliveries at all. A subscription_id or state
+# that they take for nearly absent makes "read that subscription's range and filter the ids" look
+# cheaper than a key lookup per id, and a custom plan of that shape walks 100,000 rows per claim.
+# So the statements that look messages up by id never give the planner that choice:
+# - the key comes from a MATERIALIZED CTE (`KEYS`), which the planner cannot see through, so
+#   subscription_messages has no condition of its own: every way in but the key lookup (both key
+#   columns as index conditions, by join) reads the whole table, and the table's size the planner
+#   always knows from its pages;
+# - the state is checked as a filter (`state + 0`), so no index on state is ever chosen for it.
+KEYS = "CAST(:subscription_id AS text) AS subscription_id"
+
 # Per-item outcomes of ack, nack and extend (settle_statement).
 DONE, STALE, NOT_FOUND = 0, 1, 2
+
+# The claim's one row when the subscription does not exist (in place of a message's state), so
+# that an empty answer needs no second round trip to tell "nothing to claim" from a 404.
+MISSING = -1
+# The same for ack, nack and extend: a column that says whether the subscription exists,
+# evaluated once per statement.
+KNOWN = "EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id) AS known"
 
 
 # Publishes, each a batch to one topic, in one INSERT ... SELECT: every message fanned out to
@@ -110,7 +130,7 @@ WITH expired AS MATERIALIZED (
         ORDER BY available_at, seq LIMIT :batch_size FOR UPDATE SKIP LOCKED
     ) AS ids
 ), picked AS MATERIALIZED (
-    SELECT expired.ids || ARRAY(
+    SELECT {KEYS}, expired.ids || ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {AVAILABLE} AND available_at <= now()
         ORDER BY available_at, seq LIMIT :batch_size - cardinality(expired.ids) FOR UPDATE SKIP LOCKED
@@ -126,11 +146,17 @@ WITH expired AS MATERIALIZED (
         locked_at = CASE WHEN {EXPIRED} THEN NULL ELSE now() END,
         lease = sm.lease + 1
     FROM picked, subscriptions AS s
-    WHERE sm.subscription_id = :subscription_id AND sm.id = ANY(picked.ids) AND s.id = :subscription_id
+    WHERE sm.subscription_id = picked.subscription_id AND sm.id = ANY(picked.ids) AND s.id = :subscription_id
     RETURNING sm.id::text AS id, sm.payload::text AS payload, sm.delivery_attempts, sm.created_at,
               sm.lease, sm.state, array_position(picked.ids, sm.id) AS n
 )
-SELECT id, payload, delivery_attempts, created_at, lease, state FROM claimed ORDER BY n
+SELECT id, payload, delivery_attempts, created_at, lease, state FROM (
+    SELECT id, payload, delivery_attempts, created_at, lease, state, n FROM claimed
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, {MISSING}, 0
+    WHERE NOT EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id)
+) AS answer
+ORDER BY n
 """)
 
 
@@ -141,23 +167,23 @@ def settle_statement(action: str, also: str = "") -> sa.TextClause:
 
     A request item is a message id (lease NULL: whatever delivery is current) or a lease token
     (only that delivery). Outcomes: 0 done, 1 stale (the message is here but that delivery is
-    not current), 2 not found."""
+    not current), 2 not found; and whether the subscription exists."""
     return sa.text(f"""
 WITH requested AS MATERIALIZED (
-    SELECT r.id, r.lease, r.n
+    SELECT {KEYS}, r.id, r.lease, r.n
     FROM unnest(CAST(:ids AS uuid[]), CAST(:leases AS integer[])) WITH ORDINALITY AS r (id, lease, n)
 ), done AS (
     {action}
-    WHERE sm.subscription_id = :subscription_id AND sm.id = requested.id AND sm.state = {DELIVERED}
-      AND (requested.lease IS NULL OR sm.lease = requested.lease)
+    WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id
+      AND sm.state + 0 = {DELIVERED} AND (requested.lease IS NULL OR sm.lease = requested.lease)
     RETURNING sm.id, sm.lease
 ){also}
 SELECT CASE
     WHEN done.id IS NOT NULL THEN {DONE}
     WHEN EXISTS (SELECT 1 FROM subscription_messages AS sm
-                 WHERE sm.subscription_id = :subscription_id AND sm.id = requested.id) THEN {STALE}
+                 WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id) THEN {STALE}
     ELSE {NOT_FOUND}
-END AS outcome
+END AS outcome, {KNOWN}
 FROM requested
 LEFT JOIN done ON done.id = requested.id AND (requested.lease IS NULL OR done.lease = requested.lease)
 ORDER BY requested.n
@@ -176,14 +202,19 @@ ACK = settle_statement(
 # The hot path's form, fastpubsub's: message ids, no outcomes asked. One row back (how many),
 # instead of an outcome per id: the outcomes cost PostgreSQL about a fifth more per ack.
 ACK_CURRENT = sa.text(f"""
-WITH done AS (
-    DELETE FROM subscription_messages
-    WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DELIVERED}
+WITH target AS MATERIALIZED (
+    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids
+), done AS (
+    DELETE FROM subscription_messages AS sm USING target
+    WHERE sm.subscription_id = target.subscription_id AND sm.id = ANY(target.ids)
+      AND sm.state + 0 = {DELIVERED}
     RETURNING 1
+), logged AS (
+    INSERT INTO acked_messages (subscription_id, count)
+    SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
+    RETURNING count
 )
-INSERT INTO acked_messages (subscription_id, count)
-SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
-RETURNING count
+SELECT coalesce((SELECT count FROM logged), 0) AS count, {KNOWN}
 """)
 
 # Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
@@ -210,9 +241,13 @@ EXTEND = settle_statement("""UPDATE subscription_messages AS sm
     FROM requested JOIN subscriptions AS s ON s.id = :subscription_id""")
 
 REPROCESS = sa.text(f"""
-UPDATE subscription_messages
+WITH target AS MATERIALIZED (
+    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids
+)
+UPDATE subscription_messages AS sm
 SET state = {AVAILABLE}, delivery_attempts = 0, available_at = now(), locked_by = NULL, locked_at = NULL
-WHERE subscription_id = :subscription_id AND id = ANY(CAST(:ids AS uuid[])) AND state = {DLQ}
+FROM target
+WHERE sm.subscription_id = target.subscription_id AND sm.id = ANY(target.ids) AND sm.state + 0 = {DLQ}
 """)
 
 LIST_DLQ = sa.text(f"""
@@ -235,7 +270,7 @@ WITH released AS (
         locked_by = NULL,
         locked_at = NULL
     FROM subscriptions AS s
-    WHERE s.id = sm.subscription_id AND sm.state = {DELIVERED}
+    WHERE s.id = sm.subscription_id AND sm.locked_at IS NOT NULL AND sm.state = {DELIVERED}
       AND (sm.available_at <= now()
            OR sm.locked_at < now() - make_interval(secs => CAST(:lock_timeout AS integer)))
     RETURNING sm.state
@@ -299,10 +334,14 @@ def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
+def subscription_missing(subscription_id: str) -> NotFound:
+    return NotFound(f"subscription {subscription_id!r} not found")
+
+
 def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
     """Raise NotFound unless the subscription exists."""
     if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
-        raise NotFound(f"subscription {subscription_id!r} not found")
+        raise subscription_missing(subscription_id)
 
 
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
@@ -359,6 +398,8 @@ def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_s
     delivery_attempts, created_at, lease, state) tuples."""
     params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
     rows = run(conn, CLAIM, params).fetchall()
+    if rows and rows[0][5] == MISSING:
+        raise subscription_missing(subscription_id)
     for _ in range(MAX_CLAIMS - 1):
         if all(row[5] == DELIVERED for row in rows):
             break
@@ -369,8 +410,6 @@ def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_s
         rows += run(conn, CLAIM, params).fetchall()
     else:
         rows = [row for row in rows if row[5] == DELIVERED]
-    if not rows:
-        ensure_subscription(conn, subscription_id)
     return rows
 
 
@@ -391,10 +430,12 @@ def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, 
     params.update(
         subscription_id=subscription_id, ids=uuid_array([id for id, _ in refs]), leases=lease_array(refs)
     )
-    outcomes = [outcome for (outcome,) in run(conn, statement, params)]
-    if DONE not in outcomes:
+    rows = run(conn, statement, params).fetchall()
+    if not rows:  # no refs: nothing to settle, but the subscription must exist
         ensure_subscription(conn, subscription_id)
-    return outcomes
+    elif not rows[0][1]:
+        raise subscription_missing(subscription_id)
+    return [outcome for outcome, _ in rows]
 
 
 def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -> list[int]:
@@ -404,11 +445,11 @@ def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -
 
 def ack_current(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
     """Acknowledge the current deliveries of these messages; returns how many. Others are ignored."""
-    row = run(conn, ACK_CURRENT, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).fetchone()
-    if row is None:
-        ensure_subscription(conn, subscription_id)
-        return 0
-    return row[0]
+    params = {"subscription_id": subscription_id, "ids": uuid_array(ids)}
+    count, known = run(conn, ACK_CURRENT, params).fetchone()
+    if not known:
+        raise subscription_missing(subscription_id)
+    return count
 
 
 def nack(

@@ -105,10 +105,13 @@ subscription_messages = sa.Table(
     # ORDER BY available_at, seq. Also serves the metrics counts and the DLQ listing.
     sa.Index("ix_subscription_messages_claim", "subscription_id", "state", "available_at", "seq"),
     # cleanup-stuck finds expired locks across all subscriptions without scanning the backlog.
+    # Only delivered messages have a lock time. Keyed on that rather than on `state`, so that no
+    # claim (whose conditions name the state, never locked_at) can take it for a short cut when
+    # the statistics of `state` lag (migration 0005).
     sa.Index(
         "ix_subscription_messages_locked_at",
         "locked_at",
-        postgresql_where=sa.text(f"state = {DELIVERED}"),
+        postgresql_where=sa.text("locked_at IS NOT NULL"),
     ),
 )
 
@@ -126,6 +129,8 @@ acked_messages = sa.Table(
         "acked_at",
         postgresql_include=["count"],
     ),
+    # cleanup-acked deletes by age across all subscriptions.
+    sa.Index("ix_acked_messages_acked_at", "acked_at"),
 )
 
 clients = sa.Table(
