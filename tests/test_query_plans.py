@@ -1,13 +1,22 @@
-"""Query plans of the hot path at 100k+ rows: claim, ack, nack, extend and metrics never read the messages
-table or the ack log sequentially, neither in a custom plan nor in the generic plan PostgreSQL may
-switch to once psycopg prepares a statement server-side (from its 5th execution on a connection).
-A generic plan is made without the parameter values, so it cannot use the subscription's
-statistics and assumes a LIMIT keeps 10% of the rows.
+"""Query plans of the hot path, in two parts.
 
-The large state is built once for the module with INSERT ... SELECT generate_series (through the
-API it would take minutes and stamp every message with the same time), so the module replaces the
-per-test truncation with its own. Statements are prepared with the parameter types psycopg sends
-and explained with EXPLAIN (no ANALYZE) in a transaction that is rolled back.
+1. At 100k+ rows with fresh statistics: claim, ack, nack, extend and metrics never read the
+   messages table or the ack log sequentially, neither in a custom plan nor in the generic plan
+   PostgreSQL may switch to once psycopg prepares a statement server-side (from its 5th execution
+   on a connection). A generic plan is made without the parameter values, so it cannot use the
+   subscription's statistics and assumes a LIMIT keeps 10% of the rows. The large state is built
+   once for the module with INSERT ... SELECT generate_series (through the API it would take
+   minutes and stamp every message with the same time), so the module replaces the per-test
+   truncation with its own.
+2. In every state the statistics can be in when a burst arrives (none yet; only other
+   subscriptions; the table analyzed empty; analyzed full, then drained; one subscription of a
+   thousand holding most rows; an uncommon one of a thousand): each statement that finds messages
+   by id or claims them, run with EXPLAIN ANALYZE, reads no more rows of subscription_messages
+   than it touches, and looks ids up with both key columns as index conditions. Each state is a
+   database of its own, made from a migrated template and filled through the domain functions.
+
+Statements are prepared with the parameter types psycopg sends and explained in a transaction
+that is rolled back.
 """
 
 import json
@@ -18,13 +27,15 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 import sqlalchemy as sa
+from flask_migrate import upgrade
 from psycopg import sql
 from psycopg.adapt import AdaptersMap, PyFormat
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
 
-from pubsub import db, messages, subscriptions, topics
+from pubsub import create_app, db, messages, subscriptions, topics
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
+from tests.conftest import admin_conninfo
 
 HOT = "orders-hot"  # its consumers fell behind: most of the table is its backlog
 COLD = "orders-billing"  # keeps up: a few percent of each table
@@ -205,17 +216,22 @@ def driver_type(adapters: AdaptersMap, value) -> str:
 
 
 def explain_prepared(
-    conn: psycopg.Connection, statement: sa.Executable, params: dict, plan_cache_mode: str
+    conn: psycopg.Connection, statement: sa.Executable, params: dict, plan_cache_mode: str, analyze=False
 ) -> tuple[dict, str]:
-    """The plan of the statement prepared as psycopg prepares it: (JSON tree, text)."""
+    """The plan of the statement prepared as psycopg prepares it: (JSON tree, text). With
+    `analyze`, the statement runs (the caller rolls back) and the tree holds the rows read."""
     compiled = statement.compile(dialect=NUMBERED)
     values = [params[name] for name in compiled.positiontup]
     types = ", ".join(driver_type(conn.adapters, value) for value in values)
     conn.execute("SELECT set_config('plan_cache_mode', %s, true)", [plan_cache_mode])
     conn.execute(f"PREPARE hot_path ({types}) AS {compiled.string}")
     execute = sql.SQL("EXECUTE hot_path ({})").format(sql.SQL(", ").join(map(sql.Literal, values)))
-    [[tree]] = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + execute).fetchone()
-    text = "\n".join(line for (line,) in conn.execute(sql.SQL("EXPLAIN ") + execute))
+    options = sql.SQL("(ANALYZE, FORMAT JSON)" if analyze else "(FORMAT JSON)")
+    [[tree]] = conn.execute(sql.SQL("EXPLAIN {} ").format(options) + execute).fetchone()
+    text = ""
+    if not analyze:  # a second EXPLAIN ANALYZE would run the statement twice
+        text = "\n".join(line for (line,) in conn.execute(sql.SQL("EXPLAIN ") + execute))
+    conn.execute("DEALLOCATE hot_path")
     return tree["Plan"], text
 
 
@@ -273,3 +289,266 @@ def test_plan_check_catches_a_claim_without_its_index(conn, backlog):
     conn.execute("DROP INDEX ix_subscription_messages_claim")  # rolled back by the conn fixture
     with pytest.raises(AssertionError, match="reads subscription_messages with a sequential scan"):
         check_plan(conn, backlog, "claim", HOT, "force_custom_plan")
+
+
+# --- 2. Every state of the statistics -----------------------------------------------------------
+
+TARGET = "burst"  # the subscription whose consumers the statements serve
+BATCH = 100  # ids per statement, as a consumer's batch
+CONSUMERS = 8  # each holds a batch: the subscription has 800 deliveries out
+BURST = 100_000  # what arrives for TARGET in the states where it arrives after an ANALYZE
+PUBLISH_CHUNK = 10_000
+VERSIONS = 3  # of a dead letter here: published, claimed, nacked
+
+
+@dataclass
+class PlanState:
+    engine: sa.Engine
+    url: str
+    delivered: list[str]  # delivered ids of TARGET, CONSUMERS batches
+    dead: list[str]  # dead-lettered ids of TARGET
+
+
+def create_subscriptions(engine: sa.Engine, *names: str) -> None:
+    """A topic of each name with one subscription of the same name."""
+    with engine.begin() as conn:
+        for name in names:
+            topics.create_topic(conn, name)
+            subscriptions.create_subscription(conn, name, name, None, 1, 5, 300, 60)
+
+
+def publish(engine: sa.Engine, topic_id: str, count: int) -> None:
+    for start in range(0, count, PUBLISH_CHUNK):
+        payloads = json.dumps([{"n": n} for n in range(start, min(count, start + PUBLISH_CHUNK))])
+        with engine.begin() as conn:
+            messages.publish(conn, topic_id, payloads)
+
+
+def analyze(engine: sa.Engine) -> None:
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("ANALYZE subscription_messages"))
+        # In a transaction that rolls back, ANALYZE would leave no statistics behind.
+        analyzed = "SELECT reltuples >= 0 FROM pg_class WHERE relname = 'subscription_messages'"
+        assert conn.execute(sa.text(analyzed)).scalar()
+
+
+def drain(engine: sa.Engine, subscription_id: str) -> None:
+    with engine.begin() as conn:
+        while rows := messages.consume(conn, subscription_id, "drainer", 10_000):
+            messages.ack_current(conn, subscription_id, [row[0] for row in rows])
+
+
+def no_statistics_yet(engine: sa.Engine) -> None:
+    """A new database: nothing analyzed when the burst comes."""
+    create_subscriptions(engine, TARGET)
+    publish(engine, TARGET, BURST)
+
+
+def statistics_of_other_subscriptions(engine: sa.Engine) -> None:
+    """Earlier subscriptions were analyzed, then deleted; the new one is not in the statistics."""
+    create_subscriptions(engine, "earlier-1", "earlier-2", "earlier-3", TARGET)
+    for name in ("earlier-1", "earlier-2", "earlier-3"):
+        publish(engine, name, BURST)
+    analyze(engine)
+    with engine.begin() as conn:
+        for name in ("earlier-1", "earlier-2", "earlier-3"):
+            topics.delete_topic(conn, name)
+    publish(engine, TARGET, BURST)
+
+
+def analyzed_empty_then_filled(engine: sa.Engine) -> None:
+    create_subscriptions(engine, TARGET)
+    analyze(engine)
+    publish(engine, TARGET, BURST)
+
+
+def analyzed_full_then_drained(engine: sa.Engine) -> None:
+    create_subscriptions(engine, TARGET)
+    publish(engine, TARGET, BURST)
+    analyze(engine)
+    drain(engine, TARGET)
+    publish(engine, TARGET, 2_000)
+
+
+THOUSAND = [f"other-{n:03}" for n in range(999)]
+
+
+def one_of_a_thousand_holds_most(engine: sa.Engine) -> None:
+    create_subscriptions(engine, *THOUSAND, TARGET)
+    for name in THOUSAND:
+        publish(engine, name, 20)
+    publish(engine, TARGET, BURST)
+    analyze(engine)
+
+
+def an_uncommon_one_of_a_thousand_bursts(engine: sa.Engine) -> None:
+    create_subscriptions(engine, *THOUSAND, TARGET)
+    for name in THOUSAND:
+        publish(engine, name, 100)
+    analyze(engine)
+    publish(engine, TARGET, BURST)
+
+
+STATES: dict[str, Callable[[sa.Engine], None]] = {
+    "no_statistics_yet": no_statistics_yet,
+    "statistics_of_other_subscriptions": statistics_of_other_subscriptions,
+    "analyzed_empty_then_filled": analyzed_empty_then_filled,
+    "analyzed_full_then_drained": analyzed_full_then_drained,
+    "one_of_a_thousand_holds_most": one_of_a_thousand_holds_most,
+    "an_uncommon_one_of_a_thousand_bursts": an_uncommon_one_of_a_thousand_bursts,
+}
+
+
+@pytest.fixture(scope="module")
+def template(server_url: str) -> Iterator[str]:
+    """A migrated database with nothing in it, for each state to start from."""
+    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
+    admin = admin_conninfo(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
+    app = create_app({"DATABASE_URL": url})
+    with app.app_context():
+        upgrade()
+    db.dispose(app)
+    yield name
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module", params=STATES)
+def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
+    """A database in the state, with TARGET's consumers holding batches and a few dead letters.
+    Autovacuum is off for the table, so that nothing corrects the statistics behind our back."""
+    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
+    admin = admin_conninfo(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
+    app = create_app({"DATABASE_URL": url})
+    engine = db.get_engine(app)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
+        STATES[request.param](engine)
+        with engine.begin() as conn:  # one attempt each: a nack dead-letters
+            batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
+            dead = [row[0] for row in batches.pop()]
+            messages.nack(conn, TARGET, [(id, None) for id in dead])
+        yield PlanState(engine, libpq_url(url), [row[0] for batch in batches for row in batch], dead)
+    finally:
+        db.dispose(app)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def by_id(state: PlanState, ids: list[str], **params) -> dict:
+    return {"subscription_id": TARGET, "ids": messages.uuid_array(ids), "leases": None, **params}
+
+
+# name: (statement, parameters, whether it looks messages up by id)
+LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
+    "claim": lambda s: (
+        messages.CLAIM,
+        {"subscription_id": TARGET, "consumer_id": "c", "batch_size": BATCH},
+        True,
+    ),
+    "ack": lambda s: (messages.ACK, by_id(s, s.delivered[:BATCH]), True),
+    "ack_current": lambda s: (messages.ACK_CURRENT, by_id(s, s.delivered[:BATCH]), True),
+    "nack": lambda s: (messages.NACK, by_id(s, s.delivered[:BATCH], delay_seconds=None), True),
+    "extend": lambda s: (messages.EXTEND, by_id(s, s.delivered[:BATCH], seconds=None), True),
+    "reprocess": lambda s: (messages.REPROCESS, by_id(s, s.dead), True),
+    "list_dlq": lambda s: (
+        messages.LIST_DLQ,
+        {"subscription_id": TARGET, "offset": 0, "limit": BATCH},
+        False,
+    ),
+}
+
+
+def scans(node: dict, table: str) -> Iterator[dict]:
+    """The nodes of a plan that read `table` or one of its indexes (a Bitmap Index Scan names
+    only its index)."""
+    index = node.get("Index Name", "")
+    if node.get("Relation Name") == table or index == f"pk_{table}" or index.startswith(f"ix_{table}_"):
+        yield node
+    for child in node.get("Plans", ()):
+        yield from scans(child, table)
+
+
+def rows_read(node: dict) -> float:
+    """Rows a scan node read: those it returned and those its filters removed, over every loop."""
+    removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+    return (node["Actual Rows"] + removed) * node["Actual Loops"]
+
+
+def describe(node: dict) -> str:
+    return (
+        f"{node['Node Type']} {node.get('Index Name', '')} cond={node.get('Index Cond')} "
+        f"filter={node.get('Filter')} estimated={node['Plan Rows']} read={rows_read(node):.0f}"
+    )
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("name", LOOKUPS)
+def test_statements_read_only_the_rows_they_touch_whatever_the_statistics(plan_state, name, plan_cache_mode):
+    statement, params, by_key = LOOKUPS[name](plan_state)
+    with psycopg.connect(plan_state.url) as conn:
+        plan, _ = explain_prepared(conn, statement, params, plan_cache_mode, analyze=True)
+        conn.rollback()
+    nodes = list(scans(plan, "subscription_messages"))
+    report = "\n".join(map(describe, nodes))
+    # A lookup reads its batch: up to VERSIONS index entries a row, as nothing vacuums here. A walk
+    # of the subscription's range reads BURST rows, or its CONSUMERS * BATCH deliveries.
+    most = max(map(rows_read, nodes))
+    assert most <= VERSIONS * BATCH, f"{name} ({plan_cache_mode}) reads too much:\n{report}"
+    if by_key:
+        lookups = [
+            node
+            for node in nodes
+            if node.get("Index Name") == "pk_subscription_messages"
+            and "subscription_id = " in (cond := node.get("Index Cond", ""))
+            and " id = " in f" {cond.replace('(', ' ')}"
+        ]
+        assert lookups, f"{name} ({plan_cache_mode}) looks no id up by its key:\n{report}"
+
+
+# --- cleanup-acked at 1M log rows ---------------------------------------------------------------
+
+ACK_LOG_ROWS = 1_000_000
+EXPIRED_ACK_ROWS = 1_000  # older than the retention: what one cleanup-acked run deletes
+
+FILL_ACK_LOG = sa.text("""
+INSERT INTO acked_messages (subscription_id, acked_at, count)
+SELECT 'sub-' || n % 50, now() - CASE WHEN n <= :expired THEN interval '2 hours'
+                                      ELSE random() * interval '50 minutes' END, 1 + n % 10
+FROM generate_series(1, :rows) AS n
+""")
+
+
+@pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed", "never_analyzed"])
+def test_cleanup_acked_reads_only_what_it_deletes_at_1m_log_rows(server_url, template, analyzed):
+    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
+    admin = admin_conninfo(server_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    url = libpq_url(make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(False))
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER TABLE acked_messages SET (autovacuum_enabled = off)")
+            params = {"expired": EXPIRED_ACK_ROWS, "rows": ACK_LOG_ROWS}
+            conn.execute(FILL_ACK_LOG.compile(dialect=psycopg_dialect.dialect()).string, params)
+            if analyzed:
+                conn.execute("ANALYZE acked_messages")
+        with psycopg.connect(url) as conn:  # as cleanup-acked runs it: once, so a custom plan
+            plan, _ = explain_prepared(
+                conn, messages.DELETE_ACKED, {"older_than": 3600}, "force_custom_plan", analyze=True
+            )
+            conn.rollback()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    nodes = list(scans(plan, "acked_messages"))
+    report = "\n".join(map(describe, nodes))
+    assert any(node.get("Index Name") == "ix_acked_messages_acked_at" for node in nodes), report
+    assert max(map(rows_read, nodes)) == EXPIRED_ACK_ROWS, report
