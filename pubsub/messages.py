@@ -14,7 +14,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from pubsub.errors import NotFound
+from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOPIC_NOT_FOUND, NotFound
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
@@ -302,14 +302,14 @@ def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
 def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
     """Raise NotFound unless the subscription exists."""
     if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
-        raise NotFound(f"subscription {subscription_id!r} not found")
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
 
 
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
     found, copies = publish_many(conn, [(topic_id, payloads_json)])
     if not found[0]:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     return copies
 
 
@@ -337,7 +337,7 @@ def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str
     if not rows:  # an empty batch: nothing to answer, but the topic must exist
         publish(conn, topic_id, payloads_json)
     elif not rows[0][0]:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     return [(id, subscriptions) for _, _, id, subscriptions in rows]
 
 
