@@ -145,7 +145,7 @@ ENDPOINTS = [
     Endpoint("POST", "/subscriptions/{id}/acks", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("POST", "/subscriptions/{id}/nacks", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("POST", "/subscriptions/{id}/extend", CONSUME, 204, [SOME_MESSAGE_ID]),
-    Endpoint("GET", "/subscriptions/{id}/dlq", MONITOR, 200),
+    Endpoint("GET", "/subscriptions/{id}/dlq", CONSUME, 200),
     Endpoint("POST", "/subscriptions/{id}/dlq/reprocess", CONSUME, 204, [SOME_MESSAGE_ID]),
     Endpoint("GET", "/subscriptions/{id}/metrics", MONITOR, 200),
     Endpoint("POST", "/clients", ("clients:create",), 201, {"name": "ci", "scopes": "topics:read"}),
