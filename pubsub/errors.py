@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 TOPIC_NOT_FOUND = "Topic not found"
 SUBSCRIPTION_NOT_FOUND = "Subscription not found"
 CLIENT_NOT_FOUND = "Client not found"
-TOPIC_EXISTS = "This topic already exists"
-SUBSCRIPTION_EXISTS = "This subscription already exists"
+TOPIC_ALREADY_EXISTS = "This topic already exists"
+SUBSCRIPTION_ALREADY_EXISTS = "This subscription already exists"
 INSUFFICIENT_SCOPE = "Insufficient scope"
 
 

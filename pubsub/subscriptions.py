@@ -4,7 +4,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from pubsub.errors import (
-    SUBSCRIPTION_EXISTS,
+    SUBSCRIPTION_ALREADY_EXISTS,
     SUBSCRIPTION_NOT_FOUND,
     TOPIC_NOT_FOUND,
     AlreadyExists,
@@ -77,7 +77,7 @@ def create_subscription(
         return dict(row)
     if conn.execute(sa.select(topics.c.id).where(topics.c.id == topic_id)).first() is None:
         raise NotFound(TOPIC_NOT_FOUND)
-    raise AlreadyExists(SUBSCRIPTION_EXISTS)
+    raise AlreadyExists(SUBSCRIPTION_ALREADY_EXISTS)
 
 
 def get_subscription(conn: sa.Connection, subscription_id: str) -> dict:

@@ -3,7 +3,7 @@
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from pubsub.errors import TOPIC_EXISTS, TOPIC_NOT_FOUND, AlreadyExists, NotFound
+from pubsub.errors import TOPIC_ALREADY_EXISTS, TOPIC_NOT_FOUND, AlreadyExists, NotFound
 from pubsub.tables import acked_messages, subscription_messages, subscriptions, topics
 
 TOPIC_COLUMNS = (topics.c.id, topics.c.created_at)
@@ -13,7 +13,7 @@ def create_topic(conn: sa.Connection, topic_id: str) -> dict:
     stmt = insert(topics).values(id=topic_id).on_conflict_do_nothing().returning(*TOPIC_COLUMNS)
     row = conn.execute(stmt).mappings().first()
     if row is None:
-        raise AlreadyExists(TOPIC_EXISTS)
+        raise AlreadyExists(TOPIC_ALREADY_EXISTS)
     return dict(row)
 
 

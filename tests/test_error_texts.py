@@ -20,8 +20,8 @@ PREFER = {"Prefer": "return=representation"}
 TOPIC_NOT_FOUND = {"detail": "Topic not found"}
 SUBSCRIPTION_NOT_FOUND = {"detail": "Subscription not found"}
 CLIENT_NOT_FOUND = {"detail": "Client not found"}
-TOPIC_EXISTS = {"detail": "This topic already exists"}
-SUBSCRIPTION_EXISTS = {"detail": "This subscription already exists"}
+TOPIC_ALREADY_EXISTS = {"detail": "This topic already exists"}
+SUBSCRIPTION_ALREADY_EXISTS = {"detail": "This subscription already exists"}
 INSUFFICIENT_SCOPE = {"detail": "Insufficient scope"}
 
 
@@ -72,20 +72,20 @@ CASES = [
         404,
         TOPIC_NOT_FOUND,
     ),
-    create("create an existing topic", "topics", {"id": "orders"}, 409, TOPIC_EXISTS),
+    create("create an existing topic", "topics", {"id": "orders"}, 409, TOPIC_ALREADY_EXISTS),
     create(
         "create an existing subscription",
         "subscriptions",
         {"id": "email-sender", "topic_id": "orders"},
         409,
-        SUBSCRIPTION_EXISTS,
+        SUBSCRIPTION_ALREADY_EXISTS,
     ),
     create(
         "create an existing subscription of another topic",
         "subscriptions",
         {"id": "email-sender", "topic_id": "payments"},
         409,
-        SUBSCRIPTION_EXISTS,
+        SUBSCRIPTION_ALREADY_EXISTS,
     ),
     missing_subscription("get subscription", "GET"),
     missing_subscription("delete subscription", "DELETE"),
