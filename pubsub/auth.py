@@ -15,7 +15,7 @@ from flask import Flask, current_app, request
 from flask_jwt_extended import JWTManager, create_access_token, decode_token
 
 from pubsub import clients, db
-from pubsub.errors import PubSubError, error_response
+from pubsub.errors import INSUFFICIENT_SCOPE, PubSubError, error_response
 from pubsub.schemas import ErrorSchema
 
 BEARER = {"WWW-Authenticate": "Bearer"}
@@ -113,8 +113,7 @@ def require_scope(resource: str, *actions: str):
             scopes = scopes if isinstance(scopes, str) else ""
             object_id = kwargs.get("id")
             if not any(clients.scope_allows(scopes, resource, a, object_id) for a in actions):
-                needed = " or ".join(f"{resource}:{a}" for a in actions)
-                raise Forbidden(f"this token lacks the scope {needed}")
+                raise Forbidden(INSUFFICIENT_SCOPE)
             # The revocation check is the first statement of the view's own transaction: no
             # second pooled connection or commit per request.
             check = db.before_next_transaction(functools.partial(check_token_current, claims=claims))

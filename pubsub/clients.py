@@ -8,7 +8,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from pubsub.errors import InvalidInput, NotFound
+from pubsub.errors import CLIENT_NOT_FOUND, InvalidInput, NotFound
 from pubsub.tables import clients
 
 CLIENT_COLUMNS = (
@@ -95,7 +95,7 @@ def create_client(
 def get_client(conn: sa.Connection, client_id: uuid.UUID) -> dict:
     row = conn.execute(sa.select(*CLIENT_COLUMNS).where(clients.c.id == client_id)).mappings().first()
     if row is None:
-        raise NotFound(f"client {client_id} not found")
+        raise NotFound(CLIENT_NOT_FOUND)
     return dict(row)
 
 
@@ -120,13 +120,13 @@ def update_client(conn: sa.Connection, client_id: uuid.UUID, name: str, scopes: 
     )
     row = conn.execute(stmt).mappings().first()
     if row is None:
-        raise NotFound(f"client {client_id} not found")
+        raise NotFound(CLIENT_NOT_FOUND)
     return dict(row)
 
 
 def delete_client(conn: sa.Connection, client_id: uuid.UUID) -> None:
     if conn.execute(sa.delete(clients).where(clients.c.id == client_id)).rowcount == 0:
-        raise NotFound(f"client {client_id} not found")
+        raise NotFound(CLIENT_NOT_FOUND)
 
 
 def authenticate_client(conn: sa.Connection, client_id: str, secret: str) -> dict | None:

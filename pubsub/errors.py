@@ -10,6 +10,14 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
+# fastpubsub's texts for the same cases, word for word: its clients may match on them.
+TOPIC_NOT_FOUND = "Topic not found"
+SUBSCRIPTION_NOT_FOUND = "Subscription not found"
+CLIENT_NOT_FOUND = "Client not found"
+TOPIC_ALREADY_EXISTS = "This topic already exists"
+SUBSCRIPTION_ALREADY_EXISTS = "This subscription already exists"
+INSUFFICIENT_SCOPE = "Insufficient scope"
+
 
 class PubSubError(Exception):
     status = 400

@@ -14,7 +14,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from pubsub.errors import NotFound
+from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOPIC_NOT_FOUND, NotFound
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
@@ -334,21 +334,17 @@ def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
-def subscription_missing(subscription_id: str) -> NotFound:
-    return NotFound(f"subscription {subscription_id!r} not found")
-
-
 def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
     """Raise NotFound unless the subscription exists."""
     if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
-        raise subscription_missing(subscription_id)
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
 
 
 def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
     found, copies = publish_many(conn, [(topic_id, payloads_json)])
     if not found[0]:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     return copies
 
 
@@ -376,7 +372,7 @@ def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str
     if not rows:  # an empty batch: nothing to answer, but the topic must exist
         publish(conn, topic_id, payloads_json)
     elif not rows[0][0]:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     return [(id, subscriptions) for _, _, id, subscriptions in rows]
 
 
@@ -399,7 +395,7 @@ def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_s
     params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
     rows = run(conn, CLAIM, params).fetchall()
     if rows and rows[0][5] == MISSING:
-        raise subscription_missing(subscription_id)
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     for _ in range(MAX_CLAIMS - 1):
         if all(row[5] == DELIVERED for row in rows):
             break
@@ -434,7 +430,7 @@ def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, 
     if not rows:  # no refs: nothing to settle, but the subscription must exist
         ensure_subscription(conn, subscription_id)
     elif not rows[0][1]:
-        raise subscription_missing(subscription_id)
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return [outcome for outcome, _ in rows]
 
 
@@ -448,7 +444,7 @@ def ack_current(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UU
     params = {"subscription_id": subscription_id, "ids": uuid_array(ids)}
     count, known = run(conn, ACK_CURRENT, params).fetchone()
     if not known:
-        raise subscription_missing(subscription_id)
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return count
 
 

@@ -3,7 +3,13 @@
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from pubsub.errors import AlreadyExists, NotFound
+from pubsub.errors import (
+    SUBSCRIPTION_ALREADY_EXISTS,
+    SUBSCRIPTION_NOT_FOUND,
+    TOPIC_NOT_FOUND,
+    AlreadyExists,
+    NotFound,
+)
 from pubsub.tables import (
     AVAILABLE,
     DELIVERED,
@@ -66,19 +72,19 @@ def create_subscription(
     try:
         row = conn.execute(stmt).mappings().first()
     except sa.exc.IntegrityError:  # the topic was deleted between our read and our insert
-        raise NotFound(f"topic {topic_id!r} not found") from None
+        raise NotFound(TOPIC_NOT_FOUND) from None
     if row is not None:
         return dict(row)
     if conn.execute(sa.select(topics.c.id).where(topics.c.id == topic_id)).first() is None:
-        raise NotFound(f"topic {topic_id!r} not found")
-    raise AlreadyExists(f"subscription {subscription_id!r} already exists")
+        raise NotFound(TOPIC_NOT_FOUND)
+    raise AlreadyExists(SUBSCRIPTION_ALREADY_EXISTS)
 
 
 def get_subscription(conn: sa.Connection, subscription_id: str) -> dict:
     stmt = sa.select(*SUBSCRIPTION_COLUMNS).where(subscriptions.c.id == subscription_id)
     row = conn.execute(stmt).mappings().first()
     if row is None:
-        raise NotFound(f"subscription {subscription_id!r} not found")
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return dict(row)
 
 
@@ -92,7 +98,7 @@ def delete_subscription(conn: sa.Connection, subscription_id: str) -> None:
     # The DELETE waits for publishes holding FOR KEY SHARE on this row, so their messages are
     # committed before we delete them; later publishes no longer see the subscription.
     if conn.execute(sa.delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount == 0:
-        raise NotFound(f"subscription {subscription_id!r} not found")
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     conn.execute(
         sa.delete(subscription_messages).where(subscription_messages.c.subscription_id == subscription_id)
     )
@@ -147,7 +153,7 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     ).where(subscriptions.c.id == subscription_id)
     row = conn.execute(stmt).mappings().first()
     if row is None:
-        raise NotFound(f"subscription {subscription_id!r} not found")
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}
 
 

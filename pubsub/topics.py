@@ -3,7 +3,7 @@
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from pubsub.errors import AlreadyExists, NotFound
+from pubsub.errors import TOPIC_ALREADY_EXISTS, TOPIC_NOT_FOUND, AlreadyExists, NotFound
 from pubsub.tables import acked_messages, subscription_messages, subscriptions, topics
 
 TOPIC_COLUMNS = (topics.c.id, topics.c.created_at)
@@ -13,14 +13,14 @@ def create_topic(conn: sa.Connection, topic_id: str) -> dict:
     stmt = insert(topics).values(id=topic_id).on_conflict_do_nothing().returning(*TOPIC_COLUMNS)
     row = conn.execute(stmt).mappings().first()
     if row is None:
-        raise AlreadyExists(f"topic {topic_id!r} already exists")
+        raise AlreadyExists(TOPIC_ALREADY_EXISTS)
     return dict(row)
 
 
 def get_topic(conn: sa.Connection, topic_id: str) -> dict:
     row = conn.execute(sa.select(*TOPIC_COLUMNS).where(topics.c.id == topic_id)).mappings().first()
     if row is None:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     return dict(row)
 
 
@@ -37,7 +37,7 @@ def delete_topic(conn: sa.Connection, topic_id: str) -> None:
     # messages; without this, one created meanwhile was removed by the cascade, its messages not.
     locked = conn.execute(sa.select(topics.c.id).where(topics.c.id == topic_id).with_for_update()).first()
     if locked is None:
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
     # Deleting the subscription rows first takes their row locks: a concurrent publish that
     # already holds FOR KEY SHARE finishes first (and its messages are deleted below); one that
     # comes later finds the subscriptions gone.

@@ -1,9 +1,10 @@
 """The scope matrix (SPEC §4): every protected endpoint with its global scope, with every other
 scope, with object-specific scopes for its object and for others, and with `*`.
 
-The documented decisions: dlq listing and metrics accept `subscriptions:consume` or
-`subscriptions:read`; consume, acks, nacks and reprocess need `subscriptions:consume`; create and
-list endpoints name no object, so only global scopes allow them; /clients takes global scopes only.
+The documented decisions: metrics accept `subscriptions:consume` or `subscriptions:read`;
+consume, acks, nacks, extend, reprocess and the dlq listing (it returns payloads) need
+`subscriptions:consume`; create and list endpoints name no object, so only global scopes allow
+them; /clients takes global scopes only.
 """
 
 import uuid
@@ -16,6 +17,7 @@ from tests.auth_support import (
     OBJECTS,
     OTHER_OBJECTS,
     assert_forbidden,
+    bearer,
 )
 
 # The shared fixtures.
@@ -142,11 +144,29 @@ def test_read_monitors_a_subscription_but_does_not_consume_it(auth_client, token
     headers = {"Authorization": f"Bearer {token_for('subscriptions:read:email-sender')}"}
     base = "/subscriptions/email-sender"
     assert auth_client.get(f"{base}/metrics", headers=headers).status_code == 200
-    assert auth_client.get(f"{base}/dlq", headers=headers).status_code == 200
     assert auth_client.get(f"{base}", headers=headers).status_code == 200
     assert_forbidden(auth_client.get(f"{base}/messages?consumer_id=w", headers=headers))
+    assert_forbidden(auth_client.get(f"{base}/dlq", headers=headers))
     for action in ("acks", "nacks", "extend", "dlq/reprocess"):
         assert_forbidden(auth_client.post(f"{base}/{action}", json=[], headers=headers))
+
+
+@pytest.mark.parametrize(
+    ("scopes", "status"),
+    [
+        ("subscriptions:read", 403),
+        ("subscriptions:read:email-sender", 403),
+        ("subscriptions:read subscriptions:create subscriptions:delete", 403),
+        ("subscriptions:consume", 200),
+        ("subscriptions:consume:email-sender", 200),
+        ("*", 200),
+    ],
+)
+def test_dead_letters_carry_payloads_so_listing_them_needs_consume(
+    auth_client, token_for, world, scopes, status
+):
+    response = auth_client.get("/subscriptions/email-sender/dlq", headers=bearer(token_for(scopes)))
+    assert response.status_code == status, response.json
 
 
 def test_a_publisher_for_one_topic_publishes_there_only(auth_client, client, token_for, world):
@@ -167,12 +187,3 @@ def test_a_consumer_for_one_subscription_runs_its_whole_cycle(auth_client, clien
     assert auth_client.get(f"{base}/metrics", headers=headers).json["acked"] == 1
     assert_forbidden(auth_client.get("/subscriptions/sms-sender/messages?consumer_id=w", headers=headers))
     assert client.get("/subscriptions/sms-sender/metrics").json["available"] == 1
-
-
-def test_403_names_the_missing_scope(auth_client, token_for, world):
-    response = auth_client.get(
-        "/subscriptions/email-sender/metrics", headers={"Authorization": f"Bearer {token_for('topics:read')}"}
-    )
-    assert_forbidden(response)
-    assert "subscriptions:consume" in response.json["detail"]
-    assert "subscriptions:read" in response.json["detail"]

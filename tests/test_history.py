@@ -6,7 +6,6 @@ Every scenario is bounded in time and count, talks to 127.0.0.1 only, and stops 
 process and server it started, even when it fails.
 """
 
-import re
 import signal
 import subprocess
 import sys
@@ -645,7 +644,7 @@ def test_deleting_subscriptions_and_topics_under_load_gives_clean_404s_and_leave
     # The deletions happened under load: those still using what was deleted got 404s, in JSON.
     not_found = {(c.method, c.path) for c in history.calls if c.status == 404}
     details = {c.error for c in history.calls if c.status == 404}
-    assert all(re.fullmatch(r"(topic|subscription) '[\w-]+' not found", str(d)) for d in details), details
+    assert all(str(d) in ("Topic not found", "Subscription not found") for d in details), details
     assert ("GET", "/subscriptions/dropped/messages") in not_found
     assert ("POST", "/topics/doomed/messages") in not_found
     assert ("POST", "/subscriptions") in not_found  # a churn subscription of the deleted topic

@@ -488,7 +488,7 @@ def test_settling_on_a_missing_subscription_is_404(client, path, headers, form):
     items = {"id": [message_id], "ack_id": [f"{message_id}:1"], "none": []}[form]
     response = client.post(path, json=items, headers=headers)
     assert response.status_code == 404
-    assert response.json == {"detail": "subscription 'nope' not found"}
+    assert response.json == {"detail": "Subscription not found"}
 
 
 # --- cleanup-stuck ------------------------------------------------------------------------------
@@ -582,7 +582,7 @@ def test_publish_receipts_of_an_empty_batch_are_empty(orders, api):
 def test_publish_receipts_to_a_missing_topic_is_404(client, payloads):
     response = client.post("/topics/nope/messages", json=payloads, headers=PREFER)
     assert response.status_code == 404
-    assert response.json == {"detail": "topic 'nope' not found"}
+    assert response.json == {"detail": "Topic not found"}
 
 
 def test_every_subscription_consumes_the_receipts_message_id(orders, api):

@@ -326,6 +326,21 @@ def test_copies_share_the_message_id_and_are_settled_independently(orders, api):
     assert api.metrics("b")["delivered"] == 1
 
 
+def test_an_id_delivered_by_another_subscription_settles_this_ones_own_copy(orders, api):
+    # The README's difference from fastpubsub, where each copy has its own id and an id from
+    # another subscription is always ignored.
+    api.create_subscription("a", "orders")
+    api.create_subscription("b", "orders")
+    api.create_subscription("c", "orders", filter={"country": ["BR"]})
+    api.publish("orders", [{"n": 1}])
+    [a] = api.consume("a")
+    api.consume("b")
+    api.ack("b", [a["id"]])
+    api.ack("c", [a["id"]])  # c never got this message: ignored
+    assert [api.metrics(s)["acked"] for s in ("a", "b", "c")] == [0, 1, 0]
+    assert api.metrics("a")["delivered"] == 1
+
+
 def test_a_subscription_only_gets_messages_published_after_it(orders, api):
     api.create_subscription("early", "orders")
     api.publish("orders", [{"n": 1}])

@@ -116,20 +116,20 @@ def test_invalid_subscription_fields_are_422(orders, client, fields, error_key):
 def test_subscription_to_missing_topic_is_404(client):
     response = client.post("/subscriptions", json={"id": "sub", "topic_id": "nope"})
     assert response.status_code == 404
-    assert response.json == {"detail": "topic 'nope' not found"}
+    assert response.json == {"detail": "Topic not found"}
 
 
 def test_existing_subscription_is_409(orders, api, client):
     api.create_subscription("sub", "orders")
     response = client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"})
     assert response.status_code == 409
-    assert response.json == {"detail": "subscription 'sub' already exists"}
+    assert response.json == {"detail": "This subscription already exists"}
 
 
 def test_get_missing_subscription_is_404(client):
     response = client.get("/subscriptions/nope")
     assert response.status_code == 404
-    assert response.json == {"detail": "subscription 'nope' not found"}
+    assert response.json == {"detail": "Subscription not found"}
 
 
 def test_list_subscriptions_is_ordered_by_id_and_paged(orders, api, client):
@@ -173,4 +173,4 @@ def test_operations_on_missing_subscription_are_404(client, method, path):
     kwargs = {"json": ["5f0c7a57-9c4b-4f7e-9a0e-2f1d2b3c4d5e"]} if method == "post" else {}
     response = getattr(client, method)(path, **kwargs)
     assert response.status_code == 404
-    assert response.json == {"detail": "subscription 'nope' not found"}
+    assert response.json == {"detail": "Subscription not found"}

@@ -15,7 +15,7 @@ def test_create_existing_topic_is_409(api, client):
     api.create_topic("orders")
     response = client.post("/topics", json={"id": "orders"})
     assert response.status_code == 409
-    assert response.json == {"detail": "topic 'orders' already exists"}
+    assert response.json == {"detail": "This topic already exists"}
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_get_topic(api, client):
 def test_get_missing_topic_is_404(client):
     response = client.get("/topics/nope")
     assert response.status_code == 404
-    assert response.json == {"detail": "topic 'nope' not found"}
+    assert response.json == {"detail": "Topic not found"}
 
 
 def test_list_topics_is_ordered_by_id_and_paged(api, client):
@@ -113,13 +113,13 @@ def test_delete_topic_leaves_no_rows_behind(api, client, engine):
 def test_delete_missing_topic_is_404(client):
     response = client.delete("/topics/nope")
     assert response.status_code == 404
-    assert response.json == {"detail": "topic 'nope' not found"}
+    assert response.json == {"detail": "Topic not found"}
 
 
 def test_publish_to_missing_topic_is_404(client):
     response = client.post("/topics/nope/messages", json=[{"a": 1}])
     assert response.status_code == 404
-    assert response.json == {"detail": "topic 'nope' not found"}
+    assert response.json == {"detail": "Topic not found"}
 
 
 def test_publish_empty_batch_is_a_no_op(api, client):

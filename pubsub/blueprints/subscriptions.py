@@ -220,7 +220,8 @@ class Extend(MethodView):
 
 @blp.route("/<id>/dlq")
 class DeadLetters(MethodView):
-    @require_scope("subscriptions", "consume", "read")
+    # Dead letters carry payloads: reading them is consuming's right, not monitoring's.
+    @require_scope("subscriptions", "consume")
     @blp.arguments(PaginationSchema, location="query")
     @blp.response(200, MessageListSchema)
     @blp.alt_response(404, **NOT_FOUND)

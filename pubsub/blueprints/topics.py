@@ -20,7 +20,7 @@ from pubsub.blueprints import (
     representation,
     wants_representation,
 )
-from pubsub.errors import NotFound, ValidationFailed
+from pubsub.errors import TOPIC_NOT_FOUND, NotFound, ValidationFailed
 from pubsub.grouping import GroupCommit
 from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
@@ -132,7 +132,7 @@ def publish_grouped(topic_id: str, payloads: str) -> None:
         )
     db.run_all_pending()  # the statement may run on another request's connection
     if not group.run((topic_id, payloads), len(payloads)):
-        raise NotFound(f"topic {topic_id!r} not found")
+        raise NotFound(TOPIC_NOT_FOUND)
 
 
 def publish_group(batches: Sequence[tuple[str, str]]) -> list[bool]:
