@@ -63,8 +63,8 @@ def check_config(config: dict[str, Any]) -> None:
         "DATABASE_POOL_SIZE": 1,
         "DATABASE_MAX_OVERFLOW": 0,
         "SUBSCRIPTION_MAX_ATTEMPTS": 1,
-        "SUBSCRIPTION_BACKOFF_MIN_SECONDS": 0,
-        "SUBSCRIPTION_BACKOFF_MAX_SECONDS": 0,
+        "SUBSCRIPTION_BACKOFF_MIN_SECONDS": 1,  # as a subscription's own (schemas.py)
+        "SUBSCRIPTION_BACKOFF_MAX_SECONDS": 1,
         "API_PORT": 1,
         "API_NUM_WORKERS": 1,
         "API_NUM_THREADS": 1,

@@ -219,6 +219,28 @@ def test_each_fuzzed_app_serves_the_fuzzed_document(app, fuzz_auth_app):
         assert fuzzed.test_client().get("/openapi.json").json == schema.raw_schema
 
 
+LIMITED_FIELDS = ("max_delivery_attempts", "backoff_min_seconds", "backoff_max_seconds")
+
+
+@pytest.mark.parametrize("field", LIMITED_FIELDS)
+@pytest.mark.parametrize(("value", "status"), [(0, 422), (1, 201)])
+def test_the_document_and_the_app_start_delivery_limits_at_one(app, world, field, value, status):
+    """fastpubsub's limits: the document says minimum 1, so the fuzzer's positive cases stay at 1
+    or more and its negative ones try 0; the app refuses 0, checked here whatever the fuzzer draws."""
+    create = schema.raw_schema["components"]["schemas"]["SubscriptionCreate"]
+    assert create["properties"][field]["minimum"] == 1
+    body = {
+        "id": "limited",
+        "topic_id": TOPIC,
+        "backoff_min_seconds": 1,
+        "backoff_max_seconds": 1,
+        field: value,
+    }
+    case = schema["/subscriptions"]["POST"].Case(body=body, media_type="application/json")
+    response = case.call_and_validate(app=app, checks=CHECKS)
+    assert response.status_code == status, response.text
+
+
 @schema.parametrize()
 @FUZZ_SETTINGS
 def test_fuzz_with_auth_off(case, app, world):

@@ -61,6 +61,18 @@ def test_instance_config_sits_between_defaults_and_environment(tmp_path, monkeyp
             "301",
             "PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS must not exceed",
         ),
+        # As a subscription's own limits: at least 1.
+        ("SUBSCRIPTION_MAX_ATTEMPTS", "0", "PUBSUB_SUBSCRIPTION_MAX_ATTEMPTS must be a number >= 1"),
+        (
+            "SUBSCRIPTION_BACKOFF_MIN_SECONDS",
+            "0",
+            "PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS must be a number >= 1",
+        ),
+        (
+            "SUBSCRIPTION_BACKOFF_MAX_SECONDS",
+            "0",
+            "PUBSUB_SUBSCRIPTION_BACKOFF_MAX_SECONDS must be a number >= 1",
+        ),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_variable(monkeypatch, name, value, message):
