@@ -79,3 +79,17 @@ def test_invalid_values_stop_start_up_naming_the_variable(monkeypatch, name, val
     monkeypatch.setenv(f"PUBSUB_{name}", value)
     with pytest.raises(ConfigError, match=message):
         create_app()
+
+
+@pytest.mark.parametrize("token", ["two words", "tab\there", "caf\u00e9", "=padding-first"])
+def test_a_metrics_token_no_header_could_carry_is_refused_unprinted(monkeypatch, token):
+    monkeypatch.setenv("PUBSUB_METRICS_BEARER_TOKEN", token)
+    with pytest.raises(ConfigError, match="PUBSUB_METRICS_BEARER_TOKEN must be") as refused:
+        create_app()
+    assert token not in str(refused.value)
+
+
+@pytest.mark.parametrize(("raw", "token"), [("", None), ("s3cret.Token-_~+/==", "s3cret.Token-_~+/==")])
+def test_metrics_token_from_the_environment(monkeypatch, raw, token):
+    monkeypatch.setenv("PUBSUB_METRICS_BEARER_TOKEN", raw)
+    assert create_app().config["METRICS_BEARER_TOKEN"] == token
