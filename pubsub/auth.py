@@ -6,7 +6,6 @@ exists, is active and has not been updated since the token was issued: one index
 as the first statement of the request's own transaction.
 """
 
-import copy
 import functools
 import time
 from datetime import timedelta
@@ -125,18 +124,24 @@ def require_scope(resource: str, *actions: str):
             db.run_pending(check)  # a view that opened no transaction
             return result
 
-        # OpenAPI: the operation needs a token and may answer 401 or 403.
-        apidoc = copy.deepcopy(getattr(view, "_apidoc", {}))
-        manual = apidoc.setdefault("manual_doc", {})
-        manual["security"] = SECURITY
-        responses = manual.setdefault("responses", {})
-        for status, text in AUTH_ERRORS:
-            content = {"application/json": {"schema": ErrorSchema}}
-            responses[status] = {"description": text, "content": content}
-        wrapper._apidoc = apidoc
+        # OpenAPI: document_security() reads this mark when the app's document is built.
+        wrapper._apidoc = {**getattr(view, "_apidoc", {}), "requires_token": True}
         return wrapper
 
     return decorator
+
+
+def document_security(doc: dict, doc_info: dict, *, app: Flask, **kwargs) -> dict:
+    """A flask-smorest doc callback (blueprints.Blueprint): with auth on, an operation behind
+    require_scope() needs a token and may answer 401 or 403; with auth off it does neither, so
+    the document says nothing of tokens."""
+    if doc_info.get("requires_token") and app.config["AUTH_ENABLED"]:
+        doc["security"] = SECURITY
+        responses = doc.setdefault("responses", {})
+        for status, text in AUTH_ERRORS:
+            content = {"application/json": {"schema": ErrorSchema}}
+            responses[status] = {"description": text, "content": content}
+    return doc
 
 
 def init_app(app: Flask, api) -> None:
@@ -156,5 +161,6 @@ def init_app(app: Flask, api) -> None:
     # Missing and revoked tokens are raised by bearer_claims and check_token_current themselves.
     jwt.invalid_token_loader(lambda reason: unauthorized("invalid token"))
     jwt.expired_token_loader(lambda header, payload: unauthorized("token has expired"))
-    for name, scheme in SECURITY_SCHEMES.items():
-        api.spec.components.security_scheme(name, scheme)
+    if config["AUTH_ENABLED"]:
+        for name, scheme in SECURITY_SCHEMES.items():
+            api.spec.components.security_scheme(name, scheme)

@@ -61,3 +61,7 @@ LONG_POLL_RESERVED_THREADS = 2
 # /metrics: how long each process reuses its count of every subscription's backlog (one query
 # over the messages table); 0 counts on every scrape.
 METRICS_BACKLOG_CACHE_SECONDS = 5
+# /metrics: a token that scrapes must send as `Authorization: Bearer <token>` (what Prometheus'
+# `authorization` scrape option sends); unset, /metrics is open. Its backlog gauges name every
+# subscription, so with auth on, set it or keep /metrics out of reach.
+METRICS_BEARER_TOKEN: str | None = None

@@ -36,6 +36,16 @@ class AlreadyExists(PubSubError):
     status = 409
 
 
+class DatabaseUnavailable(PubSubError):
+    """The database cannot be reached: nothing was committed, so the client may safely retry."""
+
+    status = 503
+    headers = {"Retry-After": "1"}
+
+    def __init__(self, detail: str = "database is unavailable"):
+        super().__init__(detail)
+
+
 class InvalidInput(PubSubError):
     """Input that passed the schema but cannot be accepted (e.g. a NUL character in a payload)."""
 
@@ -99,7 +109,7 @@ def handle_database_unavailable(error: Exception):
     # Connection refused or dropped, server shutting down, pool exhausted: the transaction did
     # not commit, so the client may safely retry.
     log.warning("database unavailable: %s", (str(error).splitlines() or [""])[0])
-    return error_response(503, "database is unavailable", headers={"Retry-After": "1"})
+    return handle_pubsub_error(DatabaseUnavailable())
 
 
 def handle_unexpected(error: Exception):

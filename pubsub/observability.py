@@ -7,13 +7,15 @@ worker answering the scrape counts them (at most once per METRICS_BACKLOG_CACHE_
 never reach the files, where every worker's copy would be summed.
 """
 
+import functools
+import hmac
 import logging
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import orjson
 import sqlalchemy as sa
@@ -25,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_flask_exporter import PrometheusMetrics
 
 from pubsub import db, subscriptions
+from pubsub.auth import Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +228,49 @@ class BacklogCollector:
             return None
 
 
+def require_bearer_token(token: str) -> Callable:
+    """A view decorator: 401 unless the request sends `Authorization: Bearer <token>`."""
+    expected = token.encode()
+
+    def decorator(view):
+        @functools.wraps(view)
+        def wrapper(*args, **kwargs):
+            scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: how long the comparison takes says nothing of how much was right.
+            if not (scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), expected)):
+                raise Unauthorized("missing or invalid bearer token")
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def warn_if_metrics_open(config) -> None:
+    """With auth on, an open /metrics still tells anyone the id of every subscription."""
+    if config["AUTH_ENABLED"] and not config["METRICS_BEARER_TOKEN"]:
+        log.warning(
+            "auth is on but /metrics is open, and its backlog gauges name every subscription:"
+            " set PUBSUB_METRICS_BEARER_TOKEN, or keep /metrics out of reach"
+        )
+
+
 class MetricsEndpoint(PrometheusMetrics):
     """The exporter's /metrics plus the backlog. In multiprocess mode the exporter builds a new
     registry on every scrape holding only the workers' files, so a collector registered anywhere
-    would be left out: this builds that registry itself, in both modes, with the backlog in it."""
+    would be left out: this builds that registry itself, in both modes, with the backlog in it.
+    /metrics is a Flask view in both modes, so METRICS_BEARER_TOKEN is checked there (and the
+    request observer counts refused scrapes like any other request)."""
 
     def __init__(self, app: Flask, backlog: BacklogCollector):
         self.backlog = backlog
-        super().__init__(app, path="/metrics", export_defaults=False)
+        token = app.config["METRICS_BEARER_TOKEN"]
+        super().__init__(
+            app,
+            path="/metrics",
+            export_defaults=False,
+            metrics_decorator=require_bearer_token(token) if token else None,
+        )
 
     def generate_metrics(
         self, accept_header: str | None = None, names: list[str] | None = None

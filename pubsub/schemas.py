@@ -110,14 +110,15 @@ class SubscriptionCreateSchema(ma.Schema):
             },
         },
     )
+    # At least 1, as in fastpubsub, which answers 0 with a 422 (flask-smorest documents the range).
     max_delivery_attempts = fields.Integer(
         strict=True, allow_none=True, validate=validate.Range(min=1, max=MAX_DELIVERY_ATTEMPTS)
     )
     backoff_min_seconds = fields.Integer(
-        strict=True, allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+        strict=True, allow_none=True, validate=validate.Range(min=1, max=MAX_BACKOFF_SECONDS)
     )
     backoff_max_seconds = fields.Integer(
-        strict=True, allow_none=True, validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS)
+        strict=True, allow_none=True, validate=validate.Range(min=1, max=MAX_BACKOFF_SECONDS)
     )
     ack_deadline_seconds = fields.Integer(
         strict=True,

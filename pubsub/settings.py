@@ -1,6 +1,7 @@
 """Load and check the configuration: defaults, instance/config.py, PUBSUB_* variables."""
 
 import os
+import re
 from typing import Any
 
 from flask import Flask
@@ -8,6 +9,8 @@ from flask import Flask
 from pubsub import config as defaults
 
 ENV_PREFIX = "PUBSUB_"
+# RFC 6750's b64token: what may follow "Bearer " in an Authorization header.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -63,8 +66,8 @@ def check_config(config: dict[str, Any]) -> None:
         "DATABASE_POOL_SIZE": 1,
         "DATABASE_MAX_OVERFLOW": 0,
         "SUBSCRIPTION_MAX_ATTEMPTS": 1,
-        "SUBSCRIPTION_BACKOFF_MIN_SECONDS": 0,
-        "SUBSCRIPTION_BACKOFF_MAX_SECONDS": 0,
+        "SUBSCRIPTION_BACKOFF_MIN_SECONDS": 1,  # as a subscription's own (schemas.py)
+        "SUBSCRIPTION_BACKOFF_MAX_SECONDS": 1,
         "API_PORT": 1,
         "API_NUM_WORKERS": 1,
         "API_NUM_THREADS": 1,
@@ -104,6 +107,13 @@ def check_config(config: dict[str, Any]) -> None:
             " (make one with: PUBSUB_AUTH_ENABLED=false flask pubsub generate-secret-key)",
             secret=True,
         )
+    token = config["METRICS_BEARER_TOKEN"]
+    require(
+        token is None or (isinstance(token, str) and BEARER_TOKEN.fullmatch(token) is not None),
+        "METRICS_BEARER_TOKEN",
+        "must be letters, digits and -._~+/ (a bearer token), or unset",
+        secret=True,
+    )
     url = config["DATABASE_URL"]
     require(
         url is None or url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")),

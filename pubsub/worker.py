@@ -10,10 +10,20 @@ then every connection can have a thread of its own, and a waiting thread keeps n
 connection waiting. Otherwise (more connections than threads, a stopping worker, a connection
 quiet for LINGER_SECONDS) the thread hands the connection back to the main thread, as gthread
 does.
+
+It also answers the requests that gunicorn refuses before the app sees them (a malformed request
+line, a line or headers over gunicorn's limits, an invalid header) as the app answers everything,
+with {"detail": ...} JSON, where gunicorn writes an HTML page.
 """
 
+import os
 import select
+import ssl
+from http import HTTPStatus
 
+import orjson
+from gunicorn import util
+from gunicorn.http import errors
 from gunicorn.workers import gthread
 
 # How long a thread waits for a kept-alive connection's next request, in slices after each of
@@ -22,7 +32,55 @@ LINGER_SECONDS = 1.0
 LINGER_SLICE_MS = 20
 
 
+# The status that gunicorn's own handle_error (gunicorn/workers/base.py) gives each error, first
+# match first. Any other request gunicorn cannot parse is the client's fault, a 400 (where
+# gunicorn forgets a few, e.g. a bad PROXY header, with a 500); anything else is a 500.
+ERROR_STATUS = (
+    ((errors.InvalidResponseHeader, errors.InvalidResponseHeaderName, errors.ConfigurationProblem), 500),
+    (errors.LimitRequestLine, 414),
+    (errors.LimitRequestHeaders, 431),
+    (errors.UnsupportedTransferCoding, 501),
+    (errors.ExpectationFailed, 417),
+    ((errors.ForbiddenProxyRequest, ssl.SSLError), 403),
+    (errors.ParseException, 400),
+)
+
+
+def error_response(status: int, detail: str, request_id: str) -> bytes:
+    """A complete HTTP response, {"detail": ...}, after which the connection closes."""
+    body = orjson.dumps({"detail": detail})
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"X-Request-ID: {request_id}\r\n"
+        "\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
 class ThreadWorker(gthread.ThreadWorker):
+    def handle_error(self, req, client, addr, exc):
+        """gunicorn's answer to a request it could not parse, or that failed before the app
+        responded: the status gunicorn gives it, as JSON. Called in handle()'s except block."""
+        status = next((code for kinds, code in ERROR_STATUS if isinstance(exc, kinds)), 500)
+        # No request id came through: the request never reached the app, or not in one piece.
+        request_id = os.urandom(16).hex()
+        if status == 500:
+            self.log.exception(
+                "error handling request %s (X-Request-ID %s)", getattr(req, "uri", ""), request_id
+            )
+            detail = "internal server error"  # as errors.handle_unexpected says it
+        else:
+            ip = addr[0] if addr else ""
+            self.log.warning("invalid request from ip=%s (X-Request-ID %s): %s", ip, request_id, exc)
+            detail = str(exc)
+        try:
+            util.write_nonblock(client, error_response(status, detail, request_id))
+        except Exception:
+            self.log.debug("Failed to send error message.")
+
     def handle(self, conn):
         keepalive = super().handle(conn)
         while keepalive is True and self.next_request_arrives(conn):

@@ -603,6 +603,16 @@ def test_openapi_documents_security_on_exactly_the_protected_operations(auth_cli
     assert "401" in operations[("post", "/oauth/token")]["responses"]
 
 
+def test_openapi_with_auth_off_says_nothing_of_tokens(client):
+    spec = client.get("/openapi.json").json
+    assert "securitySchemes" not in spec.get("components", {})
+    for key, operation in spec_operations(spec).items():
+        assert "security" not in operation, key
+        assert "403" not in operation["responses"], key
+        if key != ("post", "/oauth/token"):  # wrong client credentials: a 401 whether auth is on or off
+            assert "401" not in operation["responses"], key
+
+
 def test_openapi_declares_the_bearer_and_client_credentials_schemes(auth_client):
     schemes = auth_client.get("/openapi.json").json["components"]["securitySchemes"]
     assert schemes["bearerAuth"]["type"] == "http"

@@ -385,7 +385,7 @@ def test_nack_delay_overrides_a_longer_backoff(orders, api):
 
 
 def test_nack_delay_overrides_a_shorter_backoff(orders, api):
-    api.create_subscription("sub", "orders", backoff_min_seconds=0, backoff_max_seconds=0)
+    api.create_subscription("sub", "orders", backoff_min_seconds=1, backoff_max_seconds=1)
     api.publish("orders", [{"n": 1}])
     [message] = api.consume("sub")
     response = api.client.post("/subscriptions/sub/nacks?delay_seconds=60", json=[message["id"]])

@@ -207,10 +207,12 @@ def test_nack_retries_after_an_exponential_backoff(orders, api, engine):
 
 def test_nack_after_the_last_attempt_dead_letters(orders, api):
     api.create_subscription(
-        "sub", "orders", max_delivery_attempts=2, backoff_min_seconds=0, backoff_max_seconds=0
+        "sub", "orders", max_delivery_attempts=2, backoff_min_seconds=1, backoff_max_seconds=1
     )
     api.publish("orders", [{"n": 1}, {"n": 2}])
-    for _ in range(2):
+    for attempt in range(2):
+        if attempt:
+            time.sleep(1.1)  # the shortest backoff there is
         ids = [m["id"] for m in api.consume("sub")]
         assert len(ids) == 2
         api.nack("sub", ids)

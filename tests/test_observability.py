@@ -4,6 +4,8 @@ import json
 import logging
 import re
 
+import pytest
+
 from pubsub import observability
 
 
@@ -72,3 +74,86 @@ def test_metrics_count_requests_by_route_template_and_status(api, client):
     assert delta(method="GET", path="<unmatched>", status="404") == 1
     assert "http_request_duration_seconds_bucket{" in after
     assert "http_requests_in_progress" in after
+
+
+# --- METRICS_BEARER_TOKEN -------------------------------------------------------------------------
+
+METRICS_TOKEN = "scrape-Token_0123456789.~+/=="
+REFUSED = {"detail": "missing or invalid bearer token"}
+
+
+@pytest.fixture(scope="module")
+def closed_client(make_app):
+    """A client of an app whose /metrics needs METRICS_TOKEN."""
+    return make_app(METRICS_BEARER_TOKEN=METRICS_TOKEN).test_client()
+
+
+def test_metrics_are_open_without_a_token_setting(client):
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Bearer wrong",
+        f"Bearer {METRICS_TOKEN[:-1]}",  # a prefix
+        f"Bearer {METRICS_TOKEN}x",
+        f"Bearer {METRICS_TOKEN.upper()}",
+        METRICS_TOKEN,  # no scheme
+        f"Basic {METRICS_TOKEN}",
+        f"Token {METRICS_TOKEN}",
+        "Bearer \u00e9",  # not ASCII
+    ],
+)
+def test_metrics_with_a_token_setting_refuse_a_missing_or_wrong_token(closed_client, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = closed_client.get("/metrics", headers=headers)
+    assert (response.status_code, response.json) == (401, REFUSED)
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert "http_requests_total" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])  # RFC 9110: schemes are case-insensitive
+def test_metrics_with_a_token_setting_answer_the_right_token(closed_client, scheme):
+    response = closed_client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN}"})
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain")
+
+
+def test_refused_scrapes_are_counted_like_any_request(closed_client):
+    right = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    before = closed_client.get("/metrics", headers=right).get_data(as_text=True)
+    closed_client.get("/metrics")
+    closed_client.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    after = closed_client.get("/metrics", headers=right).get_data(as_text=True)
+
+    def delta(status: str) -> float:
+        labels = {"method": "GET", "path": "/metrics", "status": status}
+        return sample(after, "http_requests_total", **labels) - sample(
+            before, "http_requests_total", **labels
+        )
+
+    assert delta("401") == 2
+    assert delta("200") == 1  # the first scrape: each is counted once it has answered
+
+
+@pytest.mark.parametrize(
+    ("auth_enabled", "token", "warns"),
+    [
+        (False, None, False),
+        (False, METRICS_TOKEN, False),
+        (True, METRICS_TOKEN, False),
+        (True, None, True),  # tokens for the API, yet every subscription id open to anyone
+    ],
+)
+def test_open_metrics_with_auth_on_are_warned_of(caplog, auth_enabled, token, warns):
+    with caplog.at_level(logging.WARNING, logger="pubsub.observability"):
+        observability.warn_if_metrics_open({"AUTH_ENABLED": auth_enabled, "METRICS_BEARER_TOKEN": token})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pubsub.observability"]
+    assert len(warnings) == warns
+    assert all("PUBSUB_METRICS_BEARER_TOKEN" in w for w in warnings)

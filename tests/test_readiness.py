@@ -14,7 +14,7 @@ from tests.pgcluster import TempCluster
 
 pytestmark = pytest.mark.slow
 
-DOWN = {"detail": "database is down"}
+DOWN = {"detail": "database is unavailable"}  # the API's own 503
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_probes_and_api_follow_the_database_down_and_back_up(cluster, cluster_cl
     cluster.stop(mode)
 
     r = cluster_client.get("/readiness")
-    assert (r.status_code, r.json) == (503, DOWN)
+    assert (r.status_code, r.json, r.headers.get("Retry-After")) == (503, DOWN, "1")
     r = cluster_client.get("/liveness")
     assert (r.status_code, r.json) == (200, {"status": "alive"})
     for method, path, body in [
@@ -79,8 +79,7 @@ def test_probes_and_api_follow_the_database_down_and_back_up(cluster, cluster_cl
         ("POST", f"/topics/{topic}/messages", [{"n": 1}]),
     ]:
         r = cluster_client.open(path, method=method, json=body)
-        assert r.status_code == 503, (method, path, r.status_code, r.json)
-        assert set(r.json) == {"detail"} and r.json["detail"], (method, path, r.json)
+        assert (r.status_code, r.json, r.headers.get("Retry-After")) == (503, DOWN, "1"), (method, path)
 
     cluster.start()
 

@@ -125,11 +125,13 @@ def served_by_worker(metrics_dir: Path, route: str) -> dict[str, float]:
     return served
 
 
-def request(port: int, method: str, path: str, body=None, timeout: float = 10) -> tuple[int, object]:
+def request(
+    port: int, method: str, path: str, body=None, timeout: float = 10, headers: dict | None = None
+) -> tuple[int, object]:
     """One HTTP request on a new connection; the status and the decoded JSON (or text) body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
         response = conn.getresponse()
         data = response.read().decode()
@@ -253,6 +255,54 @@ def test_metrics_count_every_request_once_over_all_workers(database_url, tmp_pat
         process.send_signal(signal.SIGTERM)
         assert wait_for_exit(process, log) == 0, output_of(log)
         assert not metrics_dir.exists()
+
+
+def test_a_metrics_token_closes_metrics_in_every_worker(database_url, tmp_path):
+    port, log, token = free_port(), tmp_path / "serve.log", "scrape-token"
+    env = serve_env(
+        DATABASE_URL=database_url,
+        API_PORT=str(port),
+        API_NUM_WORKERS="2",
+        API_NUM_THREADS="4",
+        METRICS_BEARER_TOKEN=token,
+    )
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        master, _ = gunicorn_processes(process, 2)
+        metrics_dir = Path(master.environ()["PROMETHEUS_MULTIPROC_DIR"])
+
+        # Refused by each worker (each counts in its own file), as many times as it takes.
+        refused = 0
+        while refused < 10 or (len(served_by_worker(metrics_dir, "/metrics")) < 2 and refused < 400):
+            status, body = request(port, "GET", "/metrics", headers={"Authorization": "Bearer wrong"})
+            assert (status, body) == (401, {"detail": "missing or invalid bearer token"})
+            refused += 1
+        assert len(served_by_worker(metrics_dir, "/metrics")) == 2, f"one worker refused all {refused}"
+        assert request(port, "GET", "/metrics")[0] == 401
+
+        status, text = request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        assert request_counts(text)[("GET", "/metrics", "401")] == refused + 1
+        process.send_signal(signal.SIGTERM)
+        assert wait_for_exit(process, log) == 0, output_of(log)
+
+
+def test_serve_with_auth_on_and_metrics_open_warns_once(database_url, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(
+        DATABASE_URL=database_url,
+        API_PORT=str(port),
+        API_NUM_WORKERS="2",
+        AUTH_ENABLED="true",
+        AUTH_SECRET_KEY="0123456789abcdef" * 4,
+    )
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        gunicorn_processes(process, 2)
+        assert scrape(port)  # open, as the warning says
+        process.send_signal(signal.SIGTERM)
+        assert wait_for_exit(process, log) == 0, output_of(log)
+    assert output_of(log).count("PUBSUB_METRICS_BEARER_TOKEN") == 1, output_of(log)
 
 
 def test_ctrl_c_while_connections_close_stops_every_process_quickly(database_url, tmp_path):

@@ -61,9 +61,35 @@ def test_instance_config_sits_between_defaults_and_environment(tmp_path, monkeyp
             "301",
             "PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS must not exceed",
         ),
+        # As a subscription's own limits: at least 1.
+        ("SUBSCRIPTION_MAX_ATTEMPTS", "0", "PUBSUB_SUBSCRIPTION_MAX_ATTEMPTS must be a number >= 1"),
+        (
+            "SUBSCRIPTION_BACKOFF_MIN_SECONDS",
+            "0",
+            "PUBSUB_SUBSCRIPTION_BACKOFF_MIN_SECONDS must be a number >= 1",
+        ),
+        (
+            "SUBSCRIPTION_BACKOFF_MAX_SECONDS",
+            "0",
+            "PUBSUB_SUBSCRIPTION_BACKOFF_MAX_SECONDS must be a number >= 1",
+        ),
     ],
 )
 def test_invalid_values_stop_start_up_naming_the_variable(monkeypatch, name, value, message):
     monkeypatch.setenv(f"PUBSUB_{name}", value)
     with pytest.raises(ConfigError, match=message):
         create_app()
+
+
+@pytest.mark.parametrize("token", ["two words", "tab\there", "caf\u00e9", "=padding-first"])
+def test_a_metrics_token_no_header_could_carry_is_refused_unprinted(monkeypatch, token):
+    monkeypatch.setenv("PUBSUB_METRICS_BEARER_TOKEN", token)
+    with pytest.raises(ConfigError, match="PUBSUB_METRICS_BEARER_TOKEN must be") as refused:
+        create_app()
+    assert token not in str(refused.value)
+
+
+@pytest.mark.parametrize(("raw", "token"), [("", None), ("s3cret.Token-_~+/==", "s3cret.Token-_~+/==")])
+def test_metrics_token_from_the_environment(monkeypatch, raw, token):
+    monkeypatch.setenv("PUBSUB_METRICS_BEARER_TOKEN", raw)
+    assert create_app().config["METRICS_BEARER_TOKEN"] == token

@@ -113,6 +113,31 @@ def test_invalid_subscription_fields_are_422(orders, client, fields, error_key):
     assert error_key in response.json["errors"]
 
 
+LIMITED_FIELDS = ("max_delivery_attempts", "backoff_min_seconds", "backoff_max_seconds")
+
+
+@pytest.mark.parametrize("field", LIMITED_FIELDS)
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [
+        (-1, 422),
+        (0, 422),  # as fastpubsub answers
+        (1, 201),
+        (2, 201),
+    ],
+)
+def test_delivery_limits_are_at_least_one(orders, client, field, value, status):
+    # The other backoff bound at 1, so that only the field under test decides.
+    fields = {"backoff_min_seconds": 1, "backoff_max_seconds": 2, field: value}
+    response = client.post("/subscriptions", json={"id": "sub", "topic_id": "orders", **fields})
+    assert response.status_code == status, response.json
+    if status == 422:
+        assert list(response.json["errors"]) == [f"json.{field}"]
+        assert client.get("/subscriptions/sub").status_code == 404
+    else:
+        assert response.json[field] == value
+
+
 def test_subscription_to_missing_topic_is_404(client):
     response = client.post("/subscriptions", json={"id": "sub", "topic_id": "nope"})
     assert response.status_code == 404

@@ -7,6 +7,8 @@ stops promptly while its threads wait on idle connections.
 """
 
 import http.client
+import json
+import re
 import signal
 import socket
 import time
@@ -136,3 +138,66 @@ def test_the_worker_stops_promptly_while_its_threads_wait_on_idle_connections(se
     finally:
         for conn in conns:
             conn.close()
+
+
+# --- requests gunicorn refuses before the app sees them ------------------------------------------
+
+# gunicorn's default limits: a request line of 4094 bytes, 100 header fields, 8190 bytes a field.
+HEADERS_OVER_LIMIT = b"".join(b"X-Field-%d: 1\r\n" % n for n in range(101))
+
+
+@pytest.fixture(scope="module")
+def refusing_server(database_url, tmp_path_factory):
+    """One server for every refused request (each on its own connection)."""
+    port, log = free_port(), tmp_path_factory.mktemp("refusing") / "serve.log"
+    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="1", API_NUM_THREADS="2")
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        yield port, log
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", 400, id="malformed request line"),
+        pytest.param(b"GET /liveness HTTP/9.9\r\nHost: x\r\n\r\n", 400, id="unknown HTTP version"),
+        pytest.param(
+            b"GET /" + b"a" * 4100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, id="request line over the limit"
+        ),
+        pytest.param(
+            b"GET /liveness HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8200 + b"\r\n\r\n",
+            431,
+            id="header over the limit",
+        ),
+        pytest.param(
+            b"GET /liveness HTTP/1.1\r\n" + HEADERS_OVER_LIMIT + b"\r\n", 431, id="too many headers"
+        ),
+        pytest.param(
+            b"GET /liveness HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n", 400, id="invalid header name"
+        ),
+        pytest.param(
+            b"GET /liveness HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n", 400, id="NUL in a header"
+        ),
+    ],
+)
+def test_requests_gunicorn_refuses_are_answered_in_json(refusing_server, raw, status):
+    port, log = refusing_server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+    assert response.status == status, body
+    assert response.getheader("Content-Type") == "application/json"
+    assert response.getheader("Connection") == "close"
+    assert re.fullmatch(r"[0-9a-f]{32}", response.getheader("X-Request-ID"))
+    detail = json.loads(body)["detail"]
+    assert isinstance(detail, str) and detail
+    # The worker carries on, and says why it refused, with the id the client got.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        assert get(conn)[0] == 200
+    finally:
+        conn.close()
+    assert f"(X-Request-ID {response.getheader('X-Request-ID')})" in output_of(log)
+    assert "Traceback" not in output_of(log)

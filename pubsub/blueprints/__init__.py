@@ -14,6 +14,7 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
+from pubsub import auth
 from pubsub.encoding import json_response
 from pubsub.errors import ValidationFailed
 from pubsub.schemas import EXTENSION, UUID_PATTERN, ErrorSchema
@@ -80,6 +81,11 @@ class NoContent(Response):
 
 class Blueprint(flask_smorest.Blueprint):
     ARGUMENTS_PARSER = OrjsonParser()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Run for each operation when an app registers the blueprint: the app's config decides.
+        self._prepare_doc_cbks.append(auth.document_security)
 
     def alt_response(self, *args, **kwargs):
         return document_only(super().alt_response(*args, **kwargs))

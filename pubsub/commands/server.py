@@ -10,7 +10,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from pubsub import db
+from pubsub import db, observability
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Stop (TERM, INT, QUIT) and reload (HUP) signals go to gunicorn, which acts on them as it documents.
@@ -49,6 +49,7 @@ def run_gunicorn(command: list[str], env: dict[str, str]) -> int:
 def serve() -> None:
     """Serve the API with gunicorn; with no DATABASE_URL, on the embedded PostgreSQL."""
     app = current_app._get_current_object()
+    observability.warn_if_metrics_open(app.config)  # here: once, not once per worker
     env = dict(os.environ)
     if not app.config["DATABASE_URL"]:
         # Started here, in the parent, so every worker shares it and it stops after them (at exit).
