@@ -5,6 +5,7 @@ dropped at the end) on the server at PUBSUB_TEST_DATABASE_URL, else PUBSUB_DATAB
 an embedded PostgreSQL started in a temporary directory. Tables are truncated before each test.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,22 +51,32 @@ def server_url() -> Iterator[str]:
         shutil.rmtree(pgdata, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def database_url(server_url: str) -> Iterator[str]:
-    """A new database on the server, migrated with `flask db upgrade`'s own code path."""
+@contextlib.contextmanager
+def new_database(server_url: str, template: str | None = None, migrate: bool = True) -> Iterator[str]:
+    """The URL of a new database on the server (a copy of `template`, or migrated with `flask db
+    upgrade`'s own code path, or empty), dropped at the end."""
     name = f"pubsub_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
     url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    app = create_app({"DATABASE_URL": url})
-    with app.app_context():
-        upgrade()
-    db.dispose(app)
     try:
+        if migrate and not template:
+            app = create_app({"DATABASE_URL": url})
+            with app.app_context():
+                upgrade()
+            db.dispose(app)
         yield url
     finally:
         with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A new database on the server, migrated."""
+    with new_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

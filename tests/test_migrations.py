@@ -1,18 +1,16 @@
 """The migrations build exactly tables.py, and can be undone and redone."""
 
-import uuid
+import contextlib
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask_migrate import downgrade, upgrade
-from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db
 from pubsub.tables import metadata
-from tests.conftest import admin_conninfo
+from tests.conftest import new_database
 
 
 def schema_differences(engine: sa.Engine) -> list:
@@ -27,23 +25,17 @@ def test_migrated_database_matches_tables_py(app):
 @pytest.fixture
 def make_scratch_app(server_url):
     """An app on a new, empty database (no migrations run), with some settings changed."""
-    names, apps = [], []
+    apps = []
+    with contextlib.ExitStack() as databases:
 
-    def make(**overrides):
-        name = f"pubsub_scratch_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        names.append(name)
-        url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
-        apps.append(create_app({"DATABASE_URL": url, **overrides}))
-        return apps[-1]
+        def make(**overrides):
+            url = databases.enter_context(new_database(server_url, migrate=False))
+            apps.append(create_app({"DATABASE_URL": url, **overrides}))
+            return apps[-1]
 
-    yield make
-    for app in apps:
-        db.dispose(app)
-    with psycopg.connect(admin_conninfo(server_url), autocommit=True) as conn:
-        for name in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield make
+        for app in apps:
+            db.dispose(app)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 import sqlalchemy as sa
-from flask_migrate import upgrade
 from psycopg import sql
 from psycopg.adapt import AdaptersMap, PyFormat
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
@@ -35,7 +34,7 @@ from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db, messages, subscriptions, topics
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
-from tests.conftest import admin_conninfo
+from tests.conftest import new_database
 
 HOT = "orders-hot"  # its consumers fell behind: most of the table is its backlog
 COLD = "orders-billing"  # keeps up: a few percent of each table
@@ -402,44 +401,28 @@ STATES: dict[str, Callable[[sa.Engine], None]] = {
 @pytest.fixture(scope="module")
 def template(server_url: str) -> Iterator[str]:
     """A migrated database with nothing in it, for each state to start from."""
-    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
-    admin = admin_conninfo(server_url)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    app = create_app({"DATABASE_URL": url})
-    with app.app_context():
-        upgrade()
-    db.dispose(app)
-    yield name
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=STATES)
 def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
     """A database in the state, with TARGET's consumers holding batches and a few dead letters.
     Autovacuum is off for the table, so that nothing corrects the statistics behind our back."""
-    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
-    admin = admin_conninfo(server_url)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    url = make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(hide_password=False)
-    app = create_app({"DATABASE_URL": url})
-    engine = db.get_engine(app)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
-        STATES[request.param](engine)
-        with engine.begin() as conn:  # one attempt each: a nack dead-letters
-            batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
-            dead = [row[0] for row in batches.pop()]
-            messages.nack(conn, TARGET, [(id, None) for id in dead])
-        yield PlanState(engine, libpq_url(url), [row[0] for batch in batches for row in batch], dead)
-    finally:
-        db.dispose(app)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(server_url, template) as url:
+        app = create_app({"DATABASE_URL": url})
+        engine = db.get_engine(app)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
+            STATES[request.param](engine)
+            with engine.begin() as conn:  # one attempt each: a nack dead-letters
+                batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
+                dead = [row[0] for row in batches.pop()]
+                messages.nack(conn, TARGET, [(id, None) for id in dead])
+            yield PlanState(engine, libpq_url(url), [row[0] for batch in batches for row in batch], dead)
+        finally:
+            db.dispose(app)
 
 
 def by_id(state: PlanState, ids: list[str], **params) -> dict:
@@ -528,26 +511,16 @@ FROM generate_series(1, :rows) AS n
 
 @pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed", "never_analyzed"])
 def test_cleanup_acked_reads_only_what_it_deletes_at_1m_log_rows(server_url, template, analyzed):
-    name = f"pubsub_plans_{uuid.uuid4().hex[:12]}"
-    admin = admin_conninfo(server_url)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    url = libpq_url(make_url(db.psycopg_url(server_url)).set(database=name).render_as_string(False))
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ALTER TABLE acked_messages SET (autovacuum_enabled = off)")
-            params = {"expired": EXPIRED_ACK_ROWS, "rows": ACK_LOG_ROWS}
-            conn.execute(FILL_ACK_LOG.compile(dialect=psycopg_dialect.dialect()).string, params)
-            if analyzed:
-                conn.execute("ANALYZE acked_messages")
-        with psycopg.connect(url) as conn:  # as cleanup-acked runs it: once, so a custom plan
+    with new_database(server_url, template) as url, psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("ALTER TABLE acked_messages SET (autovacuum_enabled = off)")
+        params = {"expired": EXPIRED_ACK_ROWS, "rows": ACK_LOG_ROWS}
+        conn.execute(FILL_ACK_LOG.compile(dialect=psycopg_dialect.dialect()).string, params)
+        if analyzed:
+            conn.execute("ANALYZE acked_messages")
+        with conn.transaction(force_rollback=True):  # as cleanup-acked runs it: once, a custom plan
             plan, _ = explain_prepared(
                 conn, messages.DELETE_ACKED, {"older_than": 3600}, "force_custom_plan", analyze=True
             )
-            conn.rollback()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     nodes = list(scans(plan, "acked_messages"))
     report = "\n".join(map(describe, nodes))
     assert any(node.get("Index Name") == "ix_acked_messages_acked_at" for node in nodes), report
