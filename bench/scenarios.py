@@ -264,6 +264,7 @@ def rounds(run: Run):
         raise SkipScenario("needs the database (--database-url) to reset it between rounds")
     count = run.args.round_messages
     outcomes, rates, checks, published = [], [], [], {}
+    pg_cost, others = [], []  # PostgreSQL's CPU per message: a collapsed plan shows there first
     for number in range(1, run.args.rounds + 1):
         topic = run.new_topic()
         subscription = run.new_subscription(topic)
@@ -288,6 +289,8 @@ def rounds(run: Run):
         reset_statistics(run)
         outcomes.append(outcome)
         rates.append(outcome.tally.consumed / outcome.elapsed)
+        pg_cost.append(per_message_us(outcome.cpu["postgres"], outcome.tally.consumed))
+        others.append(other_cores(outcome))
         ratio = rates[-1] / rates[0] if rates[0] else 0.0
         if number > 1:
             checks.append(
@@ -299,7 +302,8 @@ def rounds(run: Run):
             )
         print(
             f"[bench]   rounds {run.mode}: round {number}: consume+ack {rates[-1]:,.0f} msgs/s "
-            f"({outcome.elapsed:.1f}s), {ratio:.2f} of round 1",
+            f"({outcome.elapsed:.1f}s), {ratio:.2f} of round 1; PostgreSQL {pg_cost[-1] or 0:.0f} µs/msg, "
+            f"other processes {others[-1] or 0:.2f} cores",
             file=sys.stderr,
             flush=True,
         )
@@ -309,6 +313,8 @@ def rounds(run: Run):
     extra = {
         "round_msgs_per_s": [round(rate) for rate in rates],
         "round_ratio_to_first": [round(rate / rates[0], 2) if rates[0] else 0.0 for rate in rates],
+        "round_pg_us_per_msg": [None if cost is None else round(cost) for cost in pg_cost],
+        "round_other_cores": [None if other is None else round(other, 2) for other in others],
     }
     return outcome, outcome.tally.consumed, checks, extra
 
@@ -321,6 +327,19 @@ def reset_statistics(run: Run) -> None:
         for statement in RESET:
             conn.exec_driver_sql(statement)
     engine.dispose()
+
+
+def per_message_us(cpu_seconds: float | None, messages: int) -> float | None:
+    return None if cpu_seconds is None or not messages else cpu_seconds / messages * 1e6
+
+
+def other_cores(outcome: Outcome) -> float | None:
+    """Cores that processes outside the run used in the window: above 0.25 a round's figure is
+    suspect (a neighbour's load), whatever the plan."""
+    cpu = outcome.cpu
+    if any(cpu.get(name) is None for name in ("machine", "loadgen", "app", "postgres")):
+        return None
+    return max(0.0, cpu["machine"] - cpu["loadgen"] - cpu["app"] - cpu["postgres"]) / outcome.elapsed
 
 
 def merged(outcomes: list[Outcome]) -> Outcome:
