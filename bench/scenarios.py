@@ -112,11 +112,19 @@ class Run:
             **extra,
         }
 
-    def load(self, specs: list[dict], drain: float = 0.0, duration: float | None = None) -> Outcome:
-        duration = self.args.duration if duration is None else duration
+    def wait_quiet(self) -> None:
         if self.args.wait_quiet:
             waited = wait_until_quiet(self.args.wait_quiet)
             self.notes.append(f"waited {waited:.0f}s for a quiet machine")
+
+    def load(
+        self, specs: list[dict], drain: float = 0.0, duration: float | None = None, quiet: bool = True
+    ) -> Outcome:
+        """Run the load; first wait for a quiet machine (--wait-quiet), unless quiet=False: the
+        caller waited already."""
+        duration = self.args.duration if duration is None else duration
+        if quiet:
+            self.wait_quiet()
         return run_load(self.target(), specs, self.args.procs, duration, drain, self.cpu_meters())
 
     def prefill(self, topic: str, count: int, batch: int = PREFILL_BATCH) -> dict[int, int]:
@@ -266,6 +274,9 @@ def rounds(run: Run):
     outcomes, rates, checks, published = [], [], [], {}
     pg_cost, others = [], []  # PostgreSQL's CPU per message: a collapsed plan shows there first
     for number in range(1, run.args.rounds + 1):
+        # Before the publish, not between it and the consume: autovacuum would have time to
+        # ANALYZE the new rows, and the round would no longer start on stale statistics.
+        run.wait_quiet()
         topic = run.new_topic()
         subscription = run.new_subscription(topic)
         published |= run.prefill(topic, count, run.args.batch)
@@ -277,7 +288,7 @@ def rounds(run: Run):
         specs = [
             run.consumer(subscription, run.args.batch, until_empty=True) for _ in range(run.args.concurrency)
         ]
-        outcome = run.load(specs, duration=ROUND_BOUND)
+        outcome = run.load(specs, duration=ROUND_BOUND, quiet=False)
         m = run.metrics(subscription)
         checks += [
             equal(f"round {number}: consumed == published", len(outcome.tally.keys), count),
