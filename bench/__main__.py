@@ -25,6 +25,8 @@ DEFAULTS = {
     "backlog_available": 100_000,
     "rate": 2000.0,
     "warmup": 2.0,
+    "rounds": 5,
+    "round_messages": 100_000,
 }
 SMOKE = {
     "duration": 1.5,
@@ -33,6 +35,8 @@ SMOKE = {
     "backlog_available": 3_000,
     "rate": 1000.0,
     "warmup": 0.5,
+    "rounds": 3,
+    "round_messages": 10_000,
 }
 BUSY_MACHINE = 0.25  # cores used by processes outside the run that make its figures suspect
 
@@ -54,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     target = parser.add_argument_group("target")
     target.add_argument("--url", help="a running app to load (default: start one, embedded PostgreSQL)")
-    target.add_argument("--database-url", help="its database, for --raw, backlog and PostgreSQL CPU")
+    target.add_argument("--database-url", help="its database, for --raw, backlog, rounds and PostgreSQL CPU")
     target.add_argument("--app-pids", type=comma_ints, help="with --url: the app's process tree roots")
     target.add_argument("--pg-pids", type=comma_ints, help="with --url: the postmaster pid(s)")
     target.add_argument("--workers", type=comma_ints, default=[2], help="gunicorn workers, e.g. 2 or 1,2")
@@ -74,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--backlog-acked", type=int, help="backlog: messages acked before (1M)")
     load.add_argument("--backlog-available", type=int, help="backlog: messages available (100k)")
     load.add_argument("--backlog-ack-batch", type=int, help="backlog: messages per past ack (--batch)")
+    load.add_argument("--rounds", type=int, help="rounds: publish/consume/reset rounds (5; smoke 3)")
+    load.add_argument("--round-messages", type=int, help="rounds: messages per round (100k; smoke 10k)")
     load.add_argument("--rate", type=float, help="mixed: publish rate, messages/s (2000; 0 = unpaced)")
     load.add_argument("--mixed-batch", type=int, default=10, help="mixed: messages per publish (10)")
     load.add_argument(
@@ -107,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = args.scenarios or list(SCENARIOS)
     if min(args.concurrency, args.batch, args.procs, args.mixed_batch) < 1 or args.batch > 1000:
         parser.error("--concurrency, --procs and --mixed-batch must be >= 1; --batch from 1 to 1000")
+    if args.rounds < 2 or args.round_messages < 1:
+        parser.error("--rounds must be >= 2 and --round-messages >= 1")
     if not 1 <= args.wait_seconds <= 20 or args.poll_ms < 0:
         parser.error("--wait-seconds goes from 1 to 20; --poll-ms must be >= 0")
     if args.url and (args.raw or args.compare_raw) and not args.database_url:
