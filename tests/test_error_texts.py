@@ -72,6 +72,13 @@ CASES = [
         404,
         TOPIC_NOT_FOUND,
     ),
+    create(  # README, "How it differs": fastpubsub answers 409 here
+        "subscribe with a taken id to a missing topic",
+        "subscriptions",
+        {"id": "email-sender", "topic_id": MISSING},
+        404,
+        TOPIC_NOT_FOUND,
+    ),
     create("create an existing topic", "topics", {"id": "orders"}, 409, TOPIC_ALREADY_EXISTS),
     create(
         "create an existing subscription",
