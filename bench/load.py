@@ -148,7 +148,12 @@ class SqlClient:
         self.conn.autocommit = True
 
     def publish(self, topic_id: str, body: bytes) -> None:
-        params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{body.decode()}]"}
+        # No token to check: raw mode is the ceiling without auth.
+        params = {
+            "topic_ids": orjson.dumps([topic_id]).decode(),
+            "payloads": f"[{body.decode()}]",
+            "tokens": None,
+        }
         found = self.conn.execute(self.statements["publish"], params).fetchone()[0]
         if not found:
             raise RequestFailed(f"publish: topic {topic_id!r} not found")

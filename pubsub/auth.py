@@ -2,9 +2,11 @@
 
 With AUTH_ENABLED=false (the default) every endpoint is open and nothing here runs on a request.
 With it on, a view decorated with require_scope() needs a valid token of a client that still
-exists, is active and has not been updated since the token was issued: one indexed lookup, run
-as the first statement of the request's own transaction (RevocationCheck), never cached.
-authorize() makes every other check, and needs no request: only the Authorization header.
+exists, is active and has not been updated since the token was issued. That last check is one
+indexed lookup in the request's own statement, never cached: the publish statement makes it
+itself (revocation_token), and for any other request it runs as the first statement of the
+request's transaction. authorize() makes every other check, and needs no request: only the
+Authorization header.
 """
 
 import functools
@@ -93,7 +95,7 @@ def verify_token(authorization: str) -> dict:
 def authorize(authorization: str, resource: str, actions: tuple[str, ...], object_id: str | None) -> TokenRef:
     """Every check of a request's token but revocation: valid, and granting RESOURCE:ACTION (or
     RESOURCE:ACTION:<object_id>) for one of the actions, or `*`. Returns what the revocation
-    check needs (RevocationCheck)."""
+    check needs, which the request's statement makes (RevocationCheck)."""
     claims = verify_token(authorization)
     scopes = claims.get("scope")
     scopes = scopes if isinstance(scopes, str) else ""
@@ -107,7 +109,8 @@ def authorize(authorization: str, resource: str, actions: tuple[str, ...], objec
 
 class RevocationCheck:
     """A request's revocation check: run as the first statement of its next transaction
-    (db.before_next_transaction)."""
+    (db.before_next_transaction), unless a statement that makes the check itself takes it over
+    first (revocation_token)."""
 
     __slots__ = ("token",)
 
@@ -117,6 +120,14 @@ class RevocationCheck:
     def __call__(self, conn) -> None:
         if not clients.token_is_current(conn, *self.token):
             raise Unauthorized(TOKEN_REVOKED)
+
+
+def revocation_token() -> TokenRef | None:
+    """The request's token, for a statement that checks its revocation itself (the publish
+    statements): that statement takes the check over. None when auth is off or the check has
+    already run."""
+    check = db.take_pending(RevocationCheck)
+    return check.token if check is not None else None
 
 
 def require_scope(resource: str, *actions: str):
@@ -129,8 +140,8 @@ def require_scope(resource: str, *actions: str):
             if not current_app.config["AUTH_ENABLED"]:
                 return view(*args, **kwargs)
             token = authorize(request.headers.get("Authorization", ""), resource, actions, kwargs.get("id"))
-            # The revocation check is the first statement of the view's own transaction: no
-            # second pooled connection or commit per request.
+            # The revocation check is the first statement of the view's own transaction, or part
+            # of its statement: no second pooled connection or commit per request.
             check = db.before_next_transaction(RevocationCheck(token))
             try:
                 result = view(*args, **kwargs)

@@ -171,3 +171,12 @@ def token_is_current(conn: sa.Connection, client_id: object, token_version: obje
         return False
     stmt = sa.select(clients.c.token_version).where(clients.c.id == uuid.UUID(ref[0]), clients.c.is_active)
     return conn.execute(stmt).scalar() == ref[1]  # None: no such active client
+
+
+def token_current_sql(client_id: str, token_version: str) -> str:
+    """token_is_current as an SQL condition on two expressions (a uuid and an integer), for a
+    statement that makes the revocation check itself (messages.PUBLISH)."""
+    return (
+        f"EXISTS (SELECT FROM clients WHERE clients.id = {client_id} AND clients.is_active"
+        f" AND clients.token_version = {token_version})"
+    )

@@ -14,7 +14,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOPIC_NOT_FOUND, NotFound
+from pubsub.clients import TokenRef, token_current_sql
+from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOKEN_REVOKED, TOPIC_NOT_FOUND, NotFound, Unauthorized
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
@@ -57,11 +58,21 @@ KNOWN = "EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id) AS known
 # The topic ids travel as one JSON array: as a text[] matched with `= ANY`, the generic plan's
 # estimates differed from the custom plans', so PostgreSQL planned the statement anew at every run,
 # which cost more than running it.
+# Revocation (auth on): :tokens is NULL, or a JSON array whose k-th item is request k's token, as
+# [client id, token_version], or null for none to check. A request whose token is no longer
+# current is `revoked` and publishes nothing; the others go on. The check is the statement's own,
+# in its snapshot: a client deleted, deactivated or updated before the statement began is seen,
+# with no round trip of its own (SPEC §4).
 def publish_ctes(lock: str) -> str:
+    current = token_current_sql("CAST(t.token ->> 0 AS uuid)", "CAST(t.token ->> 1 AS integer)")
     return f"""
-WITH requests AS MATERIALIZED (
+WITH revoked AS MATERIALIZED (
+    SELECT t.k FROM jsonb_array_elements(CAST(:tokens AS jsonb)) WITH ORDINALITY AS t (token, k)
+    WHERE jsonb_typeof(t.token) = 'array' AND NOT {current}
+), requests AS MATERIALIZED (
     SELECT r.topic_id, r.k
     FROM jsonb_array_elements_text(CAST(:topic_ids AS jsonb)) WITH ORDINALITY AS r (topic_id, k)
+    WHERE r.k NOT IN (SELECT k FROM revoked)
 ), found AS (
     SELECT requests.k FROM requests JOIN topics ON topics.id = requests.topic_id
 ), subs AS (
@@ -88,10 +99,11 @@ WITH requests AS MATERIALIZED (
 """
 
 
-# Which requests' topics exist (their k), and how many copies were queued in all.
+# Which requests' topics exist and which requests' tokens are revoked (their k), and how many
+# copies were queued in all.
 PUBLISHED = """
-SELECT ARRAY(SELECT k FROM found) AS found, (SELECT count(*) FROM inserted) AS copies,
-       (SELECT count(*) FROM notified) AS notified
+SELECT ARRAY(SELECT k FROM found) AS found, ARRAY(SELECT k FROM revoked) AS revoked,
+       (SELECT count(*) FROM inserted) AS copies, (SELECT count(*) FROM notified) AS notified
 """
 PUBLISH = sa.text(publish_ctes("FOR KEY SHARE") + PUBLISHED)
 # Shared by several requests: a subscription locked against publishes (being deleted, or marked
@@ -104,8 +116,9 @@ PUBLISH_NOWAIT = sa.text(publish_ctes("FOR KEY SHARE NOWAIT") + PUBLISHED)
 PUBLISH_RECEIPTS = sa.text(
     publish_ctes("FOR KEY SHARE")
     + """
-SELECT EXISTS (SELECT 1 FROM found) AS found, (SELECT count(*) FROM notified) AS notified,
-       published.id::text AS id, count(inserted.id) AS subscriptions
+SELECT EXISTS (SELECT 1 FROM found) AS found, EXISTS (SELECT 1 FROM revoked) AS revoked,
+       (SELECT count(*) FROM notified) AS notified, published.id::text AS id,
+       count(inserted.id) AS subscriptions
 FROM published LEFT JOIN inserted ON inserted.id = published.id
 GROUP BY published.n, published.id
 ORDER BY published.n
@@ -340,40 +353,73 @@ def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
 
 
-def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
-    """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
-    found, copies = publish_many(conn, [(topic_id, payloads_json)])
-    if not found[0]:
+# What became of a request's batch (publish_many).
+PUBLISHED, NO_TOPIC, REVOKED = 0, 1, 2
+
+# A request's batch: (topic id, JSON array of objects as text, token to check or None).
+Batch = tuple[str, str, TokenRef | None]
+
+
+def ensure_published(outcome: int) -> None:
+    """Raise what a batch that was not published answers: 401 for a revoked token (checked first,
+    as before any other statement of the request), 404 for a missing topic."""
+    if outcome == REVOKED:
+        raise Unauthorized(TOKEN_REVOKED)
+    if outcome == NO_TOPIC:
         raise NotFound(TOPIC_NOT_FOUND)
+
+
+def publish(conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None) -> int:
+    """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued.
+    With a token, only while it is current (clients.token_is_current)."""
+    outcomes, copies = publish_many(conn, [(topic_id, payloads_json, token)])
+    ensure_published(outcomes[0])
     return copies
 
 
-def publish_many(
-    conn: sa.Connection, batches: Sequence[tuple[str, str]], wait: bool = True
-) -> tuple[list[bool], int]:
-    """Publish several (topic id, JSON array of objects as text) batches in one statement: whether
-    each one's topic exists, and how many copies were queued in all. A batch to a missing topic
-    queues nothing; the others are published all the same. Without `wait`, a subscription locked
-    against publishes fails the statement at once (psycopg.errors.LockNotAvailable)."""
+def tokens_json(tokens: Sequence[TokenRef | None]) -> str | None:
+    """The :tokens parameter of the publish statements: None when no token is to be checked."""
+    if all(token is None for token in tokens):
+        return None
+    return orjson.dumps(tokens).decode()
+
+
+def publish_many(conn: sa.Connection, batches: Sequence[Batch], wait: bool = True) -> tuple[list[int], int]:
+    """Publish several batches in one statement: each one's outcome (PUBLISHED, NO_TOPIC or
+    REVOKED), and how many copies were queued in all. A batch to a missing topic or with a
+    revoked token queues nothing; the others are published all the same. Without `wait`, a
+    subscription locked against publishes fails the statement at once
+    (psycopg.errors.LockNotAvailable)."""
     params = {
-        "topic_ids": orjson.dumps([topic_id for topic_id, _ in batches]).decode(),
-        "payloads": "[" + ",".join(payloads for _, payloads in batches) + "]",
+        "topic_ids": orjson.dumps([topic_id for topic_id, _, _ in batches]).decode(),
+        "payloads": "[" + ",".join(payloads for _, payloads, _ in batches) + "]",
+        "tokens": tokens_json([token for _, _, token in batches]),
     }
-    found, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
-    exists = set(found)
-    return [k in exists for k in range(1, len(batches) + 1)], copies
+    found, revoked, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
+    found, revoked = set(found), set(revoked)
+    outcomes = [
+        REVOKED if k in revoked else PUBLISHED if k in found else NO_TOPIC for k in range(1, len(batches) + 1)
+    ]
+    return outcomes, copies
 
 
-def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str) -> list[tuple[str, int]]:
+def publish_with_receipts(
+    conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None
+) -> list[tuple[str, int]]:
     """Publish as publish() does; returns each message's (id, subscriptions that got a copy), in
     request order."""
-    params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{payloads_json}]"}
+    params = {
+        "topic_ids": orjson.dumps([topic_id]).decode(),
+        "payloads": f"[{payloads_json}]",
+        "tokens": tokens_json([token]),
+    }
     rows = run(conn, PUBLISH_RECEIPTS, params).fetchall()
-    if not rows:  # an empty batch: nothing to answer, but the topic must exist
-        publish(conn, topic_id, payloads_json)
-    elif not rows[0][0]:
-        raise NotFound(TOPIC_NOT_FOUND)
-    return [(id, subscriptions) for _, _, id, subscriptions in rows]
+    if not rows:  # an empty batch: nothing to answer, but the topic must exist and the token hold
+        publish(conn, topic_id, payloads_json, token)
+    else:
+        found, revoked = rows[0][:2]
+        ensure_published(REVOKED if revoked else PUBLISHED if found else NO_TOPIC)
+    return [(id, subscriptions) for _, _, _, id, subscriptions in rows]
 
 
 def outcome_known(error: Exception) -> bool:

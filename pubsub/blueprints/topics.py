@@ -9,7 +9,7 @@ from flask import Flask, current_app
 from flask.views import MethodView
 from werkzeug.http import HTTP_STATUS_CODES
 
-from pubsub import db, messages, topics
+from pubsub import auth, db, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
@@ -20,7 +20,8 @@ from pubsub.blueprints import (
     representation,
     wants_representation,
 )
-from pubsub.errors import TOPIC_NOT_FOUND, NotFound, ValidationFailed
+from pubsub.clients import TokenRef
+from pubsub.errors import ValidationFailed
 from pubsub.grouping import GroupCommit
 from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
@@ -102,11 +103,12 @@ class TopicMessages(MethodView):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
+        token = auth.revocation_token()  # checked by the publish statement itself
         if not wants_representation():
-            publish_grouped(id, raw.decode())
+            publish_grouped(id, raw.decode(), token)
             return None
         with db.connect() as conn:
-            receipts = messages.publish_with_receipts(conn, id, raw.decode())
+            receipts = messages.publish_with_receipts(conn, id, raw.decode(), token)
         return representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
 
 
@@ -116,8 +118,9 @@ PUBLISH_GROUP_MAX_REQUESTS = 64
 PUBLISH_GROUP_MAX_BYTES = 256 * 1024
 
 
-def publish_grouped(topic_id: str, payloads: str) -> None:
-    """Publish one request's batch, in a statement shared with concurrent publishes."""
+def publish_grouped(topic_id: str, payloads: str, token: TokenRef | None) -> None:
+    """Publish one request's batch, in a statement shared with concurrent publishes, if its token
+    (None: auth off) is still current."""
     group = current_app.extensions.get("pubsub_publish_group")
     if group is None:
         group = current_app.extensions.setdefault(
@@ -131,16 +134,15 @@ def publish_grouped(topic_id: str, payloads: str) -> None:
             ),
         )
     db.run_all_pending()  # the statement may run on another request's connection
-    if not group.run((topic_id, payloads), len(payloads)):
-        raise NotFound(TOPIC_NOT_FOUND)
+    messages.ensure_published(group.run((topic_id, payloads, token), len(payloads)))
 
 
-def publish_group(batches: Sequence[tuple[str, str]]) -> list[bool]:
+def publish_group(batches: Sequence[messages.Batch]) -> list[int]:
     with db.connect() as conn:
         return messages.publish_many(conn, batches, wait=False)[0]
 
 
-def publish_alone(batch: tuple[str, str]) -> bool:
+def publish_alone(batch: messages.Batch) -> int:
     with db.connect() as conn:
         return messages.publish_many(conn, [batch])[0][0]
 
@@ -182,8 +184,9 @@ class DirectPublish:
         start_response(NO_CONTENT, [])
         return []
 
-    def plain_publish(self, environ) -> tuple[str, str] | None:
-        """The topic id and the JSON array of a plain publish, or None for Flask to answer."""
+    def plain_publish(self, environ) -> messages.Batch | None:
+        """The topic id and the JSON array of a plain publish (no token to check), or None for
+        Flask to answer."""
         if (
             environ.get("REQUEST_METHOD") != "POST"
             or "HTTP_PREFER" in environ
@@ -204,7 +207,7 @@ class DirectPublish:
         except OSError:
             return None  # Flask meets the same broken stream, and answers it as usual
         if len(raw) == size and is_plain_batch(raw):
-            return path[1], raw.decode()
+            return path[1], raw.decode(), None
         environ["wsgi.input"] = io.BytesIO(raw)
         return None
 
