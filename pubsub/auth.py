@@ -5,8 +5,9 @@ With it on, a view decorated with require_scope() needs a valid token of a clien
 exists, is active and has not been updated since the token was issued. That last check is one
 indexed lookup in the request's own statement, never cached: the publish statement makes it
 itself (revocation_token), and for any other request it runs as the first statement of the
-request's transaction. authorize() makes every other check, and needs no request: only the
-Authorization header.
+request's transaction. authorize() makes every other check, and needs no request, only the
+Authorization header: the views and the direct publish path (blueprints.topics.DirectPublish)
+check tokens alike.
 """
 
 import functools

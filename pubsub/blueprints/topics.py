@@ -147,20 +147,24 @@ def publish_alone(batch: messages.Batch) -> int:
         return messages.publish_many(conn, [batch])[0][0]
 
 
-# A publish that is plainly valid, sent without auth or Prefer: the view would store its body as
-# is and answer 204. Its topic id is one topics can have, so it needs no URL decoding.
+# A publish that is plainly valid, sent without Prefer, with a token that allows it when auth is
+# on: the view would store its body as is and answer 204. Its topic id is one topics can have, so
+# it needs no URL decoding.
 DIRECT_PATH = re.compile(f"/topics/({ID})/messages")
 DIRECT_LENGTH = re.compile(r"[0-9]{1,12}")
 NO_CONTENT = f"204 {HTTP_STATUS_CODES[204].upper()}"  # as Werkzeug spells it
+PUBLISH_ACTIONS = ("publish",)
 
 
 class DirectPublish:
     """WSGI middleware: answers the plain publish without Flask's request context, routing and
     response objects, which cost about 40 % of a one-message publish (bench/README.md). Every
-    other request, and every publish it has any doubt about, goes to Flask, with the body it read
-    put back, so the view and its error handlers answer exactly as they would have. Errors raised
-    while publishing are answered by the app's own handlers, never by running the view again:
-    by then the messages may be stored."""
+    other request, and every publish it has any doubt about (a token that is missing, invalid or
+    short of the scope included), goes to Flask, with the body it read put back, so the view and
+    its error handlers answer exactly as they would have. With auth on it makes the view's checks
+    (auth.authorize), and the publish statement checks revocation, as it does for the view.
+    Errors raised while publishing (a revoked token among them) are answered by the app's own
+    handlers, never by running the view again: by then the messages may be stored."""
 
     def __init__(self, app: Flask, wsgi_app):
         self.app = app
@@ -168,29 +172,20 @@ class DirectPublish:
         self.rule = None  # the view's URL rule, for the request metrics
 
     def __call__(self, environ, start_response):
-        batch = self.plain_publish(environ)
-        if batch is None:
+        publish = self.plain_publish(environ)
+        if publish is None:
             return self.wsgi_app(environ, start_response)
-        if self.rule is None:
-            self.rule = next(self.app.url_map.iter_rules("topics.TopicMessages"))
-        environ[ROUTE_KEY] = self.rule
-        try:
-            with self.app.app_context():
-                publish_grouped(*batch)
-        except Exception as error:
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(error))
-                return response(environ, start_response)
-        start_response(NO_CONTENT, [])
-        return []
+        with self.app.app_context():
+            batch = self.read_batch(environ, *publish)
+            if batch is not None:
+                return self.publish(environ, start_response, batch)
+        return self.wsgi_app(environ, start_response)
 
-    def plain_publish(self, environ) -> messages.Batch | None:
-        """The topic id and the JSON array of a plain publish (no token to check), or None for
-        Flask to answer."""
+    def plain_publish(self, environ) -> tuple[str, int] | None:
+        """The topic id and body size of what looks like a plain publish, or None for Flask."""
         if (
             environ.get("REQUEST_METHOD") != "POST"
             or "HTTP_PREFER" in environ
-            or self.app.config["AUTH_ENABLED"]
             or environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/json"
         ):
             return None
@@ -202,14 +197,39 @@ class DirectPublish:
         size = int(length[0])
         if limit is not None and size > limit:
             return None
+        return path[1], size
+
+    def read_batch(self, environ, topic_id: str, size: int) -> messages.Batch | None:
+        """The publish's batch, once its token (with auth on) and body pass the view's checks, or
+        None for Flask. In the app's context."""
+        token = None
+        if self.app.config["AUTH_ENABLED"]:
+            try:
+                authorization = environ.get("HTTP_AUTHORIZATION", "")
+                token = auth.authorize(authorization, "topics", PUBLISH_ACTIONS, topic_id)
+            except Exception:
+                return None  # the view answers 401 or 403, or whatever it would; nothing read yet
         try:
             raw = environ["wsgi.input"].read(size)
         except OSError:
             return None  # Flask meets the same broken stream, and answers it as usual
         if len(raw) == size and is_plain_batch(raw):
-            return path[1], raw.decode(), None
+            return topic_id, raw.decode(), token
         environ["wsgi.input"] = io.BytesIO(raw)
         return None
+
+    def publish(self, environ, start_response, batch: messages.Batch):
+        if self.rule is None:
+            self.rule = next(self.app.url_map.iter_rules("topics.TopicMessages"))
+        environ[ROUTE_KEY] = self.rule
+        try:
+            publish_grouped(*batch)
+        except Exception as error:
+            with self.app.request_context(environ):
+                response = self.app.make_response(self.app.handle_user_exception(error))
+                return response(environ, start_response)
+        start_response(NO_CONTENT, [])
+        return []
 
 
 def is_plain_batch(raw: bytes) -> bool:
