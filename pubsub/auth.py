@@ -3,11 +3,11 @@
 With AUTH_ENABLED=false (the default) every endpoint is open and nothing here runs on a request.
 With it on, a view decorated with require_scope() needs a valid token of a client that still
 exists, is active and has not been updated since the token was issued. That last check is one
-indexed lookup in the request's own statement, never cached: the publish statement makes it
-itself (revocation_token), and for any other request it runs as the first statement of the
-request's transaction. authorize() makes every other check, and needs no request, only the
-Authorization header: the views and the direct publish path (blueprints.topics.DirectPublish)
-check tokens alike.
+indexed lookup in the request's own statement, never cached: the publish, claim, ack, nack and
+extend statements make it themselves (revocation_token), and for any other request it runs as
+the first statement of the request's transaction. authorize() makes every other check, and
+needs no request, only the Authorization header: the views and the direct publish path
+(blueprints.topics.DirectPublish) check tokens alike.
 """
 
 import functools
@@ -124,9 +124,9 @@ class RevocationCheck:
 
 
 def revocation_token() -> TokenRef | None:
-    """The request's token, for a statement that checks its revocation itself (the publish
-    statements): that statement takes the check over. None when auth is off or the check has
-    already run."""
+    """The request's token, for a statement that checks its revocation itself (publish, claim,
+    ack, nack, extend): that statement takes the check over. None when auth is off or the check
+    has already run."""
     check = db.take_pending(RevocationCheck)
     return check.token if check is not None else None
 

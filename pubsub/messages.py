@@ -44,6 +44,24 @@ MISSING = -1
 # evaluated once per statement.
 KNOWN = "EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id) AS known"
 
+# Revocation (auth on): claim, ack, nack and extend make the request's revocation check themselves
+# (auth.revocation_token), so that it costs no statement or round trip of its own. The token comes
+# as :client_id and :token_version, both NULL when there is none to check (auth off); `gate` says
+# once, in the statement's snapshot, whether it is current. With a revoked token the statement
+# changes nothing, and its answer says so: the claim's one row REVOKED_STATE, or a column `current`.
+GATE = f"""gate AS MATERIALIZED (
+    SELECT CAST(:client_id AS uuid) IS NULL
+        OR {token_current_sql("CAST(:client_id AS uuid)", "CAST(:token_version AS integer)")} AS current
+)"""
+CURRENT = "(SELECT current FROM gate)"
+REVOKED_STATE = -2
+
+
+def token_params(token: TokenRef | None) -> dict:
+    """The parameters of GATE for a token, or for none."""
+    client_id, token_version = token or (None, None)
+    return {"client_id": client_id, "token_version": token_version}
+
 
 # Publishes, each a batch to one topic, in one INSERT ... SELECT: every message fanned out to
 # each subscription of its topic whose filter matches. Several requests' publishes may share one
@@ -136,16 +154,18 @@ ORDER BY published.n
 # with a hash join over a full scan; an array of ids is always looked up through the key.
 EXPIRED = f"(sm.state = {DELIVERED} AND sm.delivery_attempts >= s.max_delivery_attempts)"
 CLAIM = sa.text(f"""
-WITH expired AS MATERIALIZED (
+WITH {GATE}, expired AS MATERIALIZED (
     SELECT ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {DELIVERED} AND available_at <= now()
+          AND {CURRENT}
         ORDER BY available_at, seq LIMIT :batch_size FOR UPDATE SKIP LOCKED
     ) AS ids
 ), picked AS MATERIALIZED (
     SELECT {KEYS}, expired.ids || ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {AVAILABLE} AND available_at <= now()
+          AND {CURRENT}
         ORDER BY available_at, seq LIMIT :batch_size - cardinality(expired.ids) FOR UPDATE SKIP LOCKED
     ) AS ids
     FROM expired
@@ -168,6 +188,8 @@ SELECT id, payload, delivery_attempts, created_at, lease, state FROM (
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, {MISSING}, 0
     WHERE NOT EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id)
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, {REVOKED_STATE}, -1 WHERE NOT {CURRENT}
 ) AS answer
 ORDER BY n
 """)
@@ -180,15 +202,17 @@ def settle_statement(action: str, also: str = "") -> sa.TextClause:
 
     A request item is a message id (lease NULL: whatever delivery is current) or a lease token
     (only that delivery). Outcomes: 0 done, 1 stale (the message is here but that delivery is
-    not current), 2 not found; and whether the subscription exists."""
+    not current), 2 not found; whether the subscription exists; and whether the token is current
+    (nothing is done otherwise)."""
     return sa.text(f"""
-WITH requested AS MATERIALIZED (
+WITH {GATE}, requested AS MATERIALIZED (
     SELECT {KEYS}, r.id, r.lease, r.n
     FROM unnest(CAST(:ids AS uuid[]), CAST(:leases AS integer[])) WITH ORDINALITY AS r (id, lease, n)
 ), done AS (
     {action}
     WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id
       AND sm.state + 0 = {DELIVERED} AND (requested.lease IS NULL OR sm.lease = requested.lease)
+      AND {CURRENT}
     RETURNING sm.id, sm.lease
 ){also}
 SELECT CASE
@@ -196,7 +220,7 @@ SELECT CASE
     WHEN EXISTS (SELECT 1 FROM subscription_messages AS sm
                  WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id) THEN {STALE}
     ELSE {NOT_FOUND}
-END AS outcome, {KNOWN}
+END AS outcome, {KNOWN}, {CURRENT} AS current
 FROM requested
 LEFT JOIN done ON done.id = requested.id AND (requested.lease IS NULL OR done.lease = requested.lease)
 ORDER BY requested.n
@@ -215,8 +239,8 @@ ACK = settle_statement(
 # The hot path's form, fastpubsub's: message ids, no outcomes asked. One row back (how many),
 # instead of an outcome per id: the outcomes cost PostgreSQL about a fifth more per ack.
 ACK_CURRENT = sa.text(f"""
-WITH target AS MATERIALIZED (
-    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids
+WITH {GATE}, target AS MATERIALIZED (
+    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids WHERE {CURRENT}
 ), done AS (
     DELETE FROM subscription_messages AS sm USING target
     WHERE sm.subscription_id = target.subscription_id AND sm.id = ANY(target.ids)
@@ -227,7 +251,7 @@ WITH target AS MATERIALIZED (
     SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
     RETURNING count
 )
-SELECT coalesce((SELECT count FROM logged), 0) AS count, {KNOWN}
+SELECT coalesce((SELECT count FROM logged), 0) AS count, {KNOWN}, {CURRENT} AS current
 """)
 
 # Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
@@ -314,8 +338,11 @@ def driver_sql(statement: sa.TextClause) -> str:
     return str(statement.compile(dialect=_DIALECT))
 
 
-# Run only when a statement matched nothing, to tell an empty queue from a missing subscription.
-SUBSCRIPTION_EXISTS = sa.text("SELECT 1 FROM subscriptions WHERE id = :subscription_id")
+# Run only when a statement matched nothing, to tell an empty queue from a missing subscription
+# (and, for ack, nack and extend with no ids, a revoked token).
+SUBSCRIPTION_EXISTS = sa.text(
+    f"WITH {GATE} SELECT EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id), {CURRENT}"
+)
 
 _DRIVER_SQL = {
     statement: driver_sql(statement)
@@ -347,9 +374,14 @@ def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
-def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
-    """Raise NotFound unless the subscription exists."""
-    if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
+def ensure_subscription(conn: sa.Connection, subscription_id: str, token: TokenRef | None = None) -> None:
+    """Raise NotFound unless the subscription exists (Unauthorized first, unless the token, if
+    any, is current)."""
+    params = {"subscription_id": subscription_id, **token_params(token)}
+    known, current = run(conn, SUBSCRIPTION_EXISTS, params).fetchone()
+    if not current:
+        raise Unauthorized(TOKEN_REVOKED)
+    if not known:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
 
 
@@ -435,11 +467,24 @@ def outcome_known(error: Exception) -> bool:
 MAX_CLAIMS = 10
 
 
-def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_size: int) -> list:
+def consume(
+    conn: sa.Connection,
+    subscription_id: str,
+    consumer_id: str,
+    batch_size: int,
+    token: TokenRef | None = None,
+) -> list:
     """Lease up to batch_size claimable messages to consumer_id: (id, payload as JSON text,
-    delivery_attempts, created_at, lease, state) tuples."""
-    params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
+    delivery_attempts, created_at, lease, state) tuples. With a token, only while it is current."""
+    params = {
+        "subscription_id": subscription_id,
+        "consumer_id": consumer_id,
+        "batch_size": batch_size,
+        **token_params(token),
+    }
     rows = run(conn, CLAIM, params).fetchall()
+    if rows and rows[0][5] == REVOKED_STATE:
+        raise Unauthorized(TOKEN_REVOKED)
     if rows and rows[0][5] == MISSING:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
     for _ in range(MAX_CLAIMS - 1):
@@ -467,46 +512,73 @@ def lease_array(refs: Sequence[MessageRef]) -> str | None:
     return "{" + ",".join("NULL" if lease is None else str(lease) for _, lease in refs) + "}"
 
 
-def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, refs, **params) -> list[int]:
-    """Run ack, nack or extend; returns each ref's outcome (DONE, STALE or NOT_FOUND)."""
+def settle(
+    conn: sa.Connection,
+    statement: sa.TextClause,
+    subscription_id: str,
+    refs,
+    token: TokenRef | None,
+    **params,
+) -> list[int]:
+    """Run ack, nack or extend; returns each ref's outcome (DONE, STALE or NOT_FOUND). With a
+    token, only while it is current."""
     params.update(
-        subscription_id=subscription_id, ids=uuid_array([id for id, _ in refs]), leases=lease_array(refs)
+        subscription_id=subscription_id,
+        ids=uuid_array([id for id, _ in refs]),
+        leases=lease_array(refs),
+        **token_params(token),
     )
     rows = run(conn, statement, params).fetchall()
     if not rows:  # no refs: nothing to settle, but the subscription must exist
-        ensure_subscription(conn, subscription_id)
+        ensure_subscription(conn, subscription_id, token)
+    elif not rows[0][2]:
+        raise Unauthorized(TOKEN_REVOKED)
     elif not rows[0][1]:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
-    return [outcome for outcome, _ in rows]
+    return [outcome for outcome, _, _ in rows]
 
 
-def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -> list[int]:
+def ack(
+    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], token: TokenRef | None = None
+) -> list[int]:
     """Acknowledge current deliveries; anything else named is left alone (STALE, NOT_FOUND)."""
-    return settle(conn, ACK, subscription_id, refs)
+    return settle(conn, ACK, subscription_id, refs, token)
 
 
-def ack_current(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
+def ack_current(
+    conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str], token: TokenRef | None = None
+) -> int:
     """Acknowledge the current deliveries of these messages; returns how many. Others are ignored."""
-    params = {"subscription_id": subscription_id, "ids": uuid_array(ids)}
-    count, known = run(conn, ACK_CURRENT, params).fetchone()
+    params = {"subscription_id": subscription_id, "ids": uuid_array(ids), **token_params(token)}
+    count, known, current = run(conn, ACK_CURRENT, params).fetchone()
+    if not current:
+        raise Unauthorized(TOKEN_REVOKED)
     if not known:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return count
 
 
 def nack(
-    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], delay_seconds: int | None = None
+    conn: sa.Connection,
+    subscription_id: str,
+    refs: Sequence[MessageRef],
+    delay_seconds: int | None = None,
+    token: TokenRef | None = None,
 ) -> list[int]:
     """Return current deliveries for a retry after the backoff (or delay_seconds), or to the DLQ
     when their attempts are used up."""
-    return settle(conn, NACK, subscription_id, refs, delay_seconds=delay_seconds)
+    return settle(conn, NACK, subscription_id, refs, token, delay_seconds=delay_seconds)
 
 
 def extend(
-    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], seconds: int | None = None
+    conn: sa.Connection,
+    subscription_id: str,
+    refs: Sequence[MessageRef],
+    seconds: int | None = None,
+    token: TokenRef | None = None,
 ) -> list[int]:
     """Move the ack deadline of current deliveries to now + seconds (default: the subscription's)."""
-    return settle(conn, EXTEND, subscription_id, refs, seconds=seconds)
+    return settle(conn, EXTEND, subscription_id, refs, token, seconds=seconds)
 
 
 def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:

@@ -1,7 +1,7 @@
 """Round trips to PostgreSQL per request, counted on the wire (libpq's protocol trace of the
 pool's connections): one for each request a busy consumer makes, the empty answers and the
-requests that change nothing included; with auth on, a publish checks its token's revocation in
-its own statement (issue 14)."""
+requests that change nothing included; and as many with auth on, since each of these requests
+checks its token's revocation in its own statement (issue 14)."""
 
 import tempfile
 import uuid
@@ -130,3 +130,29 @@ def test_with_auth_on_a_publish_checks_its_token_in_its_own_statement(
     assert auth_round_trips(lambda: publish(204, headers)) == 1
     assert auth_round_trips(lambda: publish(201, prefer)) == 1
     assert auth_round_trips(lambda: publish(404, headers, "missing")) == 1
+
+
+def test_with_auth_on_consume_ack_nack_and_extend_are_still_one_round_trip_each(
+    auth_round_trips, auth_client, queue, api, token_for
+):
+    api.publish("orders", [{"n": n} for n in range(4)])
+    token = bearer(token_for("subscriptions:consume:sub"))
+    path = "/subscriptions/sub"
+    consumed = []
+
+    def consume() -> None:
+        response = auth_client.get(f"{path}/messages?consumer_id=c&batch_size=4", headers=token)
+        expect(200, response)
+        consumed.extend(message["id"] for message in response.json["data"])
+
+    def post(status: int, action: str, ids: list, headers: dict | None = None) -> None:
+        expect(status, auth_client.post(f"{path}/{action}", json=ids, headers={**token, **(headers or {})}))
+
+    assert auth_round_trips(consume) == 1
+    assert auth_round_trips(lambda: post(204, "extend", consumed[:1])) == 1
+    assert auth_round_trips(lambda: post(204, "nacks", consumed[1:2])) == 1
+    assert (
+        auth_round_trips(lambda: post(200, "acks", consumed[2:3], {"Prefer": "return=representation"})) == 1
+    )
+    assert auth_round_trips(lambda: post(204, "acks", consumed[3:])) == 1
+    assert auth_round_trips(lambda: post(204, "acks", consumed[3:])) == 1  # nothing left to ack
