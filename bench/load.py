@@ -128,6 +128,10 @@ class HttpClient:
             self.sock = None
 
 
+# No token to check (messages.GATE, messages.publish_ctes): raw mode is the ceiling without auth.
+NO_TOKEN = {"client_id": None, "token_version": None}
+
+
 class SqlClient:
     """The app's own statements (pubsub.messages) on one connection, run as a request runs them:
     on the psycopg connection, in autocommit, one statement per call. No HTTP, no Flask, no pool
@@ -148,7 +152,11 @@ class SqlClient:
         self.conn.autocommit = True
 
     def publish(self, topic_id: str, body: bytes) -> None:
-        params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{body.decode()}]"}
+        params = {
+            "topic_ids": orjson.dumps([topic_id]).decode(),
+            "payloads": f"[{body.decode()}]",
+            "tokens": None,
+        }
         found = self.conn.execute(self.statements["publish"], params).fetchone()[0]
         if not found:
             raise RequestFailed(f"publish: topic {topic_id!r} not found")
@@ -158,12 +166,17 @@ class SqlClient:
     ) -> list[tuple]:
         if wait_seconds:
             raise RequestFailed("long-poll (wait_seconds) is an HTTP feature: raw mode cannot wait")
-        params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
+        params = {
+            "subscription_id": subscription_id,
+            "consumer_id": consumer_id,
+            "batch_size": batch_size,
+            **NO_TOKEN,
+        }
         rows = self.conn.execute(self.statements["claim"], params).fetchall()
         return [(row[0], orjson.loads(row[1])) for row in rows]
 
     def ack(self, subscription_id: str, ids: list) -> None:
-        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids)}
+        params = {"subscription_id": subscription_id, "ids": self.uuid_array(ids), **NO_TOKEN}
         self.conn.execute(self.statements["ack"], params).fetchall()
 
     def close(self) -> None:

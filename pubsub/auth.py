@@ -2,8 +2,12 @@
 
 With AUTH_ENABLED=false (the default) every endpoint is open and nothing here runs on a request.
 With it on, a view decorated with require_scope() needs a valid token of a client that still
-exists, is active and has not been updated since the token was issued: one indexed lookup, run
-as the first statement of the request's own transaction.
+exists, is active and has not been updated since the token was issued. That last check is one
+indexed lookup in the request's own statement, never cached: the publish, claim, ack, nack and
+extend statements make it themselves (revocation_token), and for any other request it runs as
+the first statement of the request's transaction. authorize() makes every other check, and
+needs no request, only the Authorization header: the views and the direct publish path
+(blueprints.topics.DirectPublish) check tokens alike.
 """
 
 import functools
@@ -14,10 +18,11 @@ from flask import Flask, current_app, request
 from flask_jwt_extended import JWTManager, create_access_token, decode_token
 
 from pubsub import clients, db
-from pubsub.errors import INSUFFICIENT_SCOPE, PubSubError, error_response
+from pubsub.clients import TokenRef
+from pubsub.errors import INSUFFICIENT_SCOPE, TOKEN_REVOKED, PubSubError, Unauthorized, error_response
 from pubsub.schemas import ErrorSchema
 
-BEARER = {"WWW-Authenticate": "Bearer"}
+BEARER = Unauthorized.headers
 SECURITY = [{"bearerAuth": []}, {"oauth2": []}]
 SECURITY_SCHEMES = {
     "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
@@ -30,11 +35,6 @@ SECURITY_SCHEMES = {
 
 
 AUTH_ERRORS = (("401", "Missing, invalid, expired or revoked token"), ("403", "The token lacks the scope"))
-
-
-class Unauthorized(PubSubError):
-    status = 401
-    headers = BEARER
 
 
 class Forbidden(PubSubError):
@@ -68,9 +68,10 @@ def issue_token(client: dict) -> dict:
 VERIFIED_TOKENS_MAX = 4096
 
 
-def bearer_claims() -> dict:
-    """The claims of the request's bearer token, verified (signature, algorithm, expiry, type)."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def verify_token(authorization: str) -> dict:
+    """The claims of the bearer token in an Authorization header's value, verified (signature,
+    algorithm, expiry, type). Needs the app's context, not a request's."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token")
     verified = current_app.extensions["pubsub_verified_tokens"]
@@ -92,10 +93,42 @@ def bearer_claims() -> dict:
     return claims
 
 
-def check_token_current(conn, claims: dict) -> None:
-    """Revoked when the client is gone, inactive or updated since the token was issued."""
-    if not clients.token_is_current(conn, claims["sub"], claims.get("ver")):
-        raise Unauthorized("token has been revoked")
+def authorize(authorization: str, resource: str, actions: tuple[str, ...], object_id: str | None) -> TokenRef:
+    """Every check of a request's token but revocation: valid, and granting RESOURCE:ACTION (or
+    RESOURCE:ACTION:<object_id>) for one of the actions, or `*`. Returns what the revocation
+    check needs, which the request's statement makes (RevocationCheck)."""
+    claims = verify_token(authorization)
+    scopes = claims.get("scope")
+    scopes = scopes if isinstance(scopes, str) else ""
+    if not any(clients.scope_allows(scopes, resource, action, object_id) for action in actions):
+        raise Forbidden(INSUFFICIENT_SCOPE)
+    token = clients.token_ref(claims["sub"], claims.get("ver"))
+    if token is None:  # names no client that could be current: no need to ask the database
+        raise Unauthorized(TOKEN_REVOKED)
+    return token
+
+
+class RevocationCheck:
+    """A request's revocation check: run as the first statement of its next transaction
+    (db.before_next_transaction), unless a statement that makes the check itself takes it over
+    first (revocation_token)."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: TokenRef):
+        self.token = token
+
+    def __call__(self, conn) -> None:
+        if not clients.token_is_current(conn, *self.token):
+            raise Unauthorized(TOKEN_REVOKED)
+
+
+def revocation_token() -> TokenRef | None:
+    """The request's token, for a statement that checks its revocation itself (publish, claim,
+    ack, nack, extend): that statement takes the check over. None when auth is off or the check
+    has already run."""
+    check = db.take_pending(RevocationCheck)
+    return check.token if check is not None else None
 
 
 def require_scope(resource: str, *actions: str):
@@ -107,15 +140,10 @@ def require_scope(resource: str, *actions: str):
         def wrapper(*args, **kwargs):
             if not current_app.config["AUTH_ENABLED"]:
                 return view(*args, **kwargs)
-            claims = bearer_claims()
-            scopes = claims.get("scope")
-            scopes = scopes if isinstance(scopes, str) else ""
-            object_id = kwargs.get("id")
-            if not any(clients.scope_allows(scopes, resource, a, object_id) for a in actions):
-                raise Forbidden(INSUFFICIENT_SCOPE)
-            # The revocation check is the first statement of the view's own transaction: no
-            # second pooled connection or commit per request.
-            check = db.before_next_transaction(functools.partial(check_token_current, claims=claims))
+            token = authorize(request.headers.get("Authorization", ""), resource, actions, kwargs.get("id"))
+            # The revocation check is the first statement of the view's own transaction, or part
+            # of its statement: no second pooled connection or commit per request.
+            check = db.before_next_transaction(RevocationCheck(token))
             try:
                 result = view(*args, **kwargs)
             except Exception:
@@ -156,9 +184,9 @@ def init_app(app: Flask, api) -> None:
     )
     jwt = JWTManager(app)
     app.extensions["pubsub_verified_tokens"] = {}
-    # decode_token (in bearer_claims) fails only as invalid or expired: both are a 401
+    # decode_token (in verify_token) fails only as invalid or expired: both are a 401
     # {"detail": ...} with WWW-Authenticate (flask-jwt-extended would answer the first with 422).
-    # Missing and revoked tokens are raised by bearer_claims and check_token_current themselves.
+    # Missing and revoked tokens are raised by verify_token, authorize and the revocation check.
     jwt.invalid_token_loader(lambda reason: unauthorized("invalid token"))
     jwt.expired_token_loader(lambda header, payload: unauthorized("token has expired"))
     if config["AUTH_ENABLED"]:

@@ -146,12 +146,37 @@ def authenticate_client(conn: sa.Connection, client_id: str, secret: str) -> dic
     return dict(row)
 
 
-def token_is_current(conn: sa.Connection, client_id: str, token_version: int) -> bool:
-    """A token stays valid while its client exists, is active and has not been updated since."""
+# What a token names for its revocation check: its client's id (canonical UUID text) and the
+# token_version it was issued with.
+TokenRef = tuple[str, int]
+TOKEN_VERSION_MAX = 2**31 - 1  # the column is an integer
+
+
+def token_ref(client_id: object, token_version: object) -> TokenRef | None:
+    """The client and version a token's claims name, or None when they cannot be those of any
+    current client (so the token is revoked without asking the database)."""
     try:
-        parsed_id = uuid.UUID(client_id)
+        parsed_id = uuid.UUID(client_id)  # type: ignore[arg-type]
     except (ValueError, AttributeError, TypeError):
+        return None
+    if type(token_version) is not int or not 0 < token_version <= TOKEN_VERSION_MAX:
+        return None
+    return str(parsed_id), token_version
+
+
+def token_is_current(conn: sa.Connection, client_id: object, token_version: object) -> bool:
+    """A token stays valid while its client exists, is active and has not been updated since."""
+    ref = token_ref(client_id, token_version)
+    if ref is None:
         return False
-    stmt = sa.select(clients.c.token_version).where(clients.c.id == parsed_id, clients.c.is_active)
-    current = conn.execute(stmt).scalar()  # None: no such active client
-    return current is not None and current == token_version
+    stmt = sa.select(clients.c.token_version).where(clients.c.id == uuid.UUID(ref[0]), clients.c.is_active)
+    return conn.execute(stmt).scalar() == ref[1]  # None: no such active client
+
+
+def token_current_sql(client_id: str, token_version: str) -> str:
+    """token_is_current as an SQL condition on two expressions (a uuid and an integer), for a
+    statement that makes the revocation check itself (messages.PUBLISH)."""
+    return (
+        f"EXISTS (SELECT FROM clients WHERE clients.id = {client_id} AND clients.is_active"
+        f" AND clients.token_version = {token_version})"
+    )

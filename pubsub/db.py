@@ -154,6 +154,18 @@ def before_next_transaction(check: Callable[[sa.Connection], None]) -> Callable:
     return check
 
 
+def take_pending(kind: type) -> Callable | None:
+    """Take the request's queued check of this kind off the queue and return it, for a statement
+    that makes the check itself (e.g. auth.RevocationCheck in the publish statement); None if
+    there is none."""
+    pending = g.get("pending_checks", ()) if has_request_context() else ()
+    for check in pending:
+        if isinstance(check, kind):
+            pending.remove(check)
+            return check
+    return None
+
+
 def run_all_pending() -> None:
     """Run the request's queued checks now, before a statement that may run on another request's
     connection (pubsub.grouping), which must not run ours."""

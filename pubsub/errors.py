@@ -17,6 +17,8 @@ CLIENT_NOT_FOUND = "Client not found"
 TOPIC_ALREADY_EXISTS = "This topic already exists"
 SUBSCRIPTION_ALREADY_EXISTS = "This subscription already exists"
 INSUFFICIENT_SCOPE = "Insufficient scope"
+# A token of a client deleted, deactivated or updated since it was issued.
+TOKEN_REVOKED = "token has been revoked"
 
 
 class PubSubError(Exception):
@@ -30,6 +32,13 @@ class PubSubError(Exception):
 
 class NotFound(PubSubError):
     status = 404
+
+
+class Unauthorized(PubSubError):
+    """A missing, invalid, expired or revoked bearer token."""
+
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class AlreadyExists(PubSubError):

@@ -14,7 +14,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOPIC_NOT_FOUND, NotFound
+from pubsub.clients import TokenRef, token_current_sql
+from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOKEN_REVOKED, TOPIC_NOT_FOUND, NotFound, Unauthorized
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
@@ -43,6 +44,24 @@ MISSING = -1
 # evaluated once per statement.
 KNOWN = "EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id) AS known"
 
+# Revocation (auth on): claim, ack, nack and extend make the request's revocation check themselves
+# (auth.revocation_token), so that it costs no statement or round trip of its own. The token comes
+# as :client_id and :token_version, both NULL when there is none to check (auth off); `gate` says
+# once, in the statement's snapshot, whether it is current. With a revoked token the statement
+# changes nothing, and its answer says so: the claim's one row REVOKED_STATE, or a column `current`.
+GATE = f"""gate AS MATERIALIZED (
+    SELECT CAST(:client_id AS uuid) IS NULL
+        OR {token_current_sql("CAST(:client_id AS uuid)", "CAST(:token_version AS integer)")} AS current
+)"""
+CURRENT = "(SELECT current FROM gate)"
+REVOKED_STATE = -2
+
+
+def token_params(token: TokenRef | None) -> dict:
+    """The parameters of GATE for a token, or for none."""
+    client_id, token_version = token or (None, None)
+    return {"client_id": client_id, "token_version": token_version}
+
 
 # Publishes, each a batch to one topic, in one INSERT ... SELECT: every message fanned out to
 # each subscription of its topic whose filter matches. Several requests' publishes may share one
@@ -57,11 +76,21 @@ KNOWN = "EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id) AS known
 # The topic ids travel as one JSON array: as a text[] matched with `= ANY`, the generic plan's
 # estimates differed from the custom plans', so PostgreSQL planned the statement anew at every run,
 # which cost more than running it.
+# Revocation (auth on): :tokens is NULL, or a JSON array whose k-th item is request k's token, as
+# [client id, token_version], or null for none to check. A request whose token is no longer
+# current is `revoked` and publishes nothing; the others go on. The check is the statement's own,
+# in its snapshot: a client deleted, deactivated or updated before the statement began is seen,
+# with no round trip of its own (SPEC §4).
 def publish_ctes(lock: str) -> str:
+    current = token_current_sql("CAST(t.token ->> 0 AS uuid)", "CAST(t.token ->> 1 AS integer)")
     return f"""
-WITH requests AS MATERIALIZED (
+WITH revoked AS MATERIALIZED (
+    SELECT t.k FROM jsonb_array_elements(CAST(:tokens AS jsonb)) WITH ORDINALITY AS t (token, k)
+    WHERE jsonb_typeof(t.token) = 'array' AND NOT {current}
+), requests AS MATERIALIZED (
     SELECT r.topic_id, r.k
     FROM jsonb_array_elements_text(CAST(:topic_ids AS jsonb)) WITH ORDINALITY AS r (topic_id, k)
+    WHERE r.k NOT IN (SELECT k FROM revoked)
 ), found AS (
     SELECT requests.k FROM requests JOIN topics ON topics.id = requests.topic_id
 ), subs AS (
@@ -88,10 +117,11 @@ WITH requests AS MATERIALIZED (
 """
 
 
-# Which requests' topics exist (their k), and how many copies were queued in all.
+# Which requests' topics exist and which requests' tokens are revoked (their k), and how many
+# copies were queued in all.
 PUBLISHED = """
-SELECT ARRAY(SELECT k FROM found) AS found, (SELECT count(*) FROM inserted) AS copies,
-       (SELECT count(*) FROM notified) AS notified
+SELECT ARRAY(SELECT k FROM found) AS found, ARRAY(SELECT k FROM revoked) AS revoked,
+       (SELECT count(*) FROM inserted) AS copies, (SELECT count(*) FROM notified) AS notified
 """
 PUBLISH = sa.text(publish_ctes("FOR KEY SHARE") + PUBLISHED)
 # Shared by several requests: a subscription locked against publishes (being deleted, or marked
@@ -104,8 +134,9 @@ PUBLISH_NOWAIT = sa.text(publish_ctes("FOR KEY SHARE NOWAIT") + PUBLISHED)
 PUBLISH_RECEIPTS = sa.text(
     publish_ctes("FOR KEY SHARE")
     + """
-SELECT EXISTS (SELECT 1 FROM found) AS found, (SELECT count(*) FROM notified) AS notified,
-       published.id::text AS id, count(inserted.id) AS subscriptions
+SELECT EXISTS (SELECT 1 FROM found) AS found, EXISTS (SELECT 1 FROM revoked) AS revoked,
+       (SELECT count(*) FROM notified) AS notified, published.id::text AS id,
+       count(inserted.id) AS subscriptions
 FROM published LEFT JOIN inserted ON inserted.id = published.id
 GROUP BY published.n, published.id
 ORDER BY published.n
@@ -123,16 +154,18 @@ ORDER BY published.n
 # with a hash join over a full scan; an array of ids is always looked up through the key.
 EXPIRED = f"(sm.state = {DELIVERED} AND sm.delivery_attempts >= s.max_delivery_attempts)"
 CLAIM = sa.text(f"""
-WITH expired AS MATERIALIZED (
+WITH {GATE}, expired AS MATERIALIZED (
     SELECT ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {DELIVERED} AND available_at <= now()
+          AND {CURRENT}
         ORDER BY available_at, seq LIMIT :batch_size FOR UPDATE SKIP LOCKED
     ) AS ids
 ), picked AS MATERIALIZED (
     SELECT {KEYS}, expired.ids || ARRAY(
         SELECT id FROM subscription_messages
         WHERE subscription_id = :subscription_id AND state = {AVAILABLE} AND available_at <= now()
+          AND {CURRENT}
         ORDER BY available_at, seq LIMIT :batch_size - cardinality(expired.ids) FOR UPDATE SKIP LOCKED
     ) AS ids
     FROM expired
@@ -155,6 +188,8 @@ SELECT id, payload, delivery_attempts, created_at, lease, state FROM (
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, {MISSING}, 0
     WHERE NOT EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id)
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, {REVOKED_STATE}, -1 WHERE NOT {CURRENT}
 ) AS answer
 ORDER BY n
 """)
@@ -167,15 +202,17 @@ def settle_statement(action: str, also: str = "") -> sa.TextClause:
 
     A request item is a message id (lease NULL: whatever delivery is current) or a lease token
     (only that delivery). Outcomes: 0 done, 1 stale (the message is here but that delivery is
-    not current), 2 not found; and whether the subscription exists."""
+    not current), 2 not found; whether the subscription exists; and whether the token is current
+    (nothing is done otherwise)."""
     return sa.text(f"""
-WITH requested AS MATERIALIZED (
+WITH {GATE}, requested AS MATERIALIZED (
     SELECT {KEYS}, r.id, r.lease, r.n
     FROM unnest(CAST(:ids AS uuid[]), CAST(:leases AS integer[])) WITH ORDINALITY AS r (id, lease, n)
 ), done AS (
     {action}
     WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id
       AND sm.state + 0 = {DELIVERED} AND (requested.lease IS NULL OR sm.lease = requested.lease)
+      AND {CURRENT}
     RETURNING sm.id, sm.lease
 ){also}
 SELECT CASE
@@ -183,7 +220,7 @@ SELECT CASE
     WHEN EXISTS (SELECT 1 FROM subscription_messages AS sm
                  WHERE sm.subscription_id = requested.subscription_id AND sm.id = requested.id) THEN {STALE}
     ELSE {NOT_FOUND}
-END AS outcome, {KNOWN}
+END AS outcome, {KNOWN}, {CURRENT} AS current
 FROM requested
 LEFT JOIN done ON done.id = requested.id AND (requested.lease IS NULL OR done.lease = requested.lease)
 ORDER BY requested.n
@@ -202,8 +239,8 @@ ACK = settle_statement(
 # The hot path's form, fastpubsub's: message ids, no outcomes asked. One row back (how many),
 # instead of an outcome per id: the outcomes cost PostgreSQL about a fifth more per ack.
 ACK_CURRENT = sa.text(f"""
-WITH target AS MATERIALIZED (
-    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids
+WITH {GATE}, target AS MATERIALIZED (
+    SELECT {KEYS}, CAST(:ids AS uuid[]) AS ids WHERE {CURRENT}
 ), done AS (
     DELETE FROM subscription_messages AS sm USING target
     WHERE sm.subscription_id = target.subscription_id AND sm.id = ANY(target.ids)
@@ -214,7 +251,7 @@ WITH target AS MATERIALIZED (
     SELECT :subscription_id, count(*) FROM done HAVING count(*) > 0
     RETURNING count
 )
-SELECT coalesce((SELECT count FROM logged), 0) AS count, {KNOWN}
+SELECT coalesce((SELECT count FROM logged), 0) AS count, {KNOWN}, {CURRENT} AS current
 """)
 
 # Seconds before retry number `delivery_attempts`: min(max, min * 2^(attempts-1)).
@@ -301,8 +338,11 @@ def driver_sql(statement: sa.TextClause) -> str:
     return str(statement.compile(dialect=_DIALECT))
 
 
-# Run only when a statement matched nothing, to tell an empty queue from a missing subscription.
-SUBSCRIPTION_EXISTS = sa.text("SELECT 1 FROM subscriptions WHERE id = :subscription_id")
+# Run only when a statement matched nothing, to tell an empty queue from a missing subscription
+# (and, for ack, nack and extend with no ids, a revoked token).
+SUBSCRIPTION_EXISTS = sa.text(
+    f"WITH {GATE} SELECT EXISTS (SELECT FROM subscriptions WHERE id = :subscription_id), {CURRENT}"
+)
 
 _DRIVER_SQL = {
     statement: driver_sql(statement)
@@ -334,46 +374,84 @@ def uuid_array(ids: Sequence[uuid.UUID | str]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
-def ensure_subscription(conn: sa.Connection, subscription_id: str) -> None:
-    """Raise NotFound unless the subscription exists."""
-    if run(conn, SUBSCRIPTION_EXISTS, {"subscription_id": subscription_id}).fetchone() is None:
+def ensure_subscription(conn: sa.Connection, subscription_id: str, token: TokenRef | None = None) -> None:
+    """Raise NotFound unless the subscription exists (Unauthorized first, unless the token, if
+    any, is current)."""
+    params = {"subscription_id": subscription_id, **token_params(token)}
+    known, current = run(conn, SUBSCRIPTION_EXISTS, params).fetchone()
+    if not current:
+        raise Unauthorized(TOKEN_REVOKED)
+    if not known:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
 
 
-def publish(conn: sa.Connection, topic_id: str, payloads_json: str) -> int:
-    """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued."""
-    found, copies = publish_many(conn, [(topic_id, payloads_json)])
-    if not found[0]:
+# What became of a request's batch (publish_many).
+PUBLISHED, NO_TOPIC, REVOKED = 0, 1, 2
+
+# A request's batch: (topic id, JSON array of objects as text, token to check or None).
+Batch = tuple[str, str, TokenRef | None]
+
+
+def ensure_published(outcome: int) -> None:
+    """Raise what a batch that was not published answers: 401 for a revoked token (checked first,
+    as before any other statement of the request), 404 for a missing topic."""
+    if outcome == REVOKED:
+        raise Unauthorized(TOKEN_REVOKED)
+    if outcome == NO_TOPIC:
         raise NotFound(TOPIC_NOT_FOUND)
+
+
+def publish(conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None) -> int:
+    """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued.
+    With a token, only while it is current (clients.token_is_current)."""
+    outcomes, copies = publish_many(conn, [(topic_id, payloads_json, token)])
+    ensure_published(outcomes[0])
     return copies
 
 
-def publish_many(
-    conn: sa.Connection, batches: Sequence[tuple[str, str]], wait: bool = True
-) -> tuple[list[bool], int]:
-    """Publish several (topic id, JSON array of objects as text) batches in one statement: whether
-    each one's topic exists, and how many copies were queued in all. A batch to a missing topic
-    queues nothing; the others are published all the same. Without `wait`, a subscription locked
-    against publishes fails the statement at once (psycopg.errors.LockNotAvailable)."""
+def tokens_json(tokens: Sequence[TokenRef | None]) -> str | None:
+    """The :tokens parameter of the publish statements: None when no token is to be checked."""
+    if all(token is None for token in tokens):
+        return None
+    return orjson.dumps(tokens).decode()
+
+
+def publish_many(conn: sa.Connection, batches: Sequence[Batch], wait: bool = True) -> tuple[list[int], int]:
+    """Publish several batches in one statement: each one's outcome (PUBLISHED, NO_TOPIC or
+    REVOKED), and how many copies were queued in all. A batch to a missing topic or with a
+    revoked token queues nothing; the others are published all the same. Without `wait`, a
+    subscription locked against publishes fails the statement at once
+    (psycopg.errors.LockNotAvailable)."""
     params = {
-        "topic_ids": orjson.dumps([topic_id for topic_id, _ in batches]).decode(),
-        "payloads": "[" + ",".join(payloads for _, payloads in batches) + "]",
+        "topic_ids": orjson.dumps([topic_id for topic_id, _, _ in batches]).decode(),
+        "payloads": "[" + ",".join(payloads for _, payloads, _ in batches) + "]",
+        "tokens": tokens_json([token for _, _, token in batches]),
     }
-    found, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
-    exists = set(found)
-    return [k in exists for k in range(1, len(batches) + 1)], copies
+    found, revoked, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
+    found, revoked = set(found), set(revoked)
+    outcomes = [
+        REVOKED if k in revoked else PUBLISHED if k in found else NO_TOPIC for k in range(1, len(batches) + 1)
+    ]
+    return outcomes, copies
 
 
-def publish_with_receipts(conn: sa.Connection, topic_id: str, payloads_json: str) -> list[tuple[str, int]]:
+def publish_with_receipts(
+    conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None
+) -> list[tuple[str, int]]:
     """Publish as publish() does; returns each message's (id, subscriptions that got a copy), in
     request order."""
-    params = {"topic_ids": orjson.dumps([topic_id]).decode(), "payloads": f"[{payloads_json}]"}
+    params = {
+        "topic_ids": orjson.dumps([topic_id]).decode(),
+        "payloads": f"[{payloads_json}]",
+        "tokens": tokens_json([token]),
+    }
     rows = run(conn, PUBLISH_RECEIPTS, params).fetchall()
-    if not rows:  # an empty batch: nothing to answer, but the topic must exist
-        publish(conn, topic_id, payloads_json)
-    elif not rows[0][0]:
-        raise NotFound(TOPIC_NOT_FOUND)
-    return [(id, subscriptions) for _, _, id, subscriptions in rows]
+    if not rows:  # an empty batch: nothing to answer, but the topic must exist and the token hold
+        publish(conn, topic_id, payloads_json, token)
+    else:
+        found, revoked = rows[0][:2]
+        ensure_published(REVOKED if revoked else PUBLISHED if found else NO_TOPIC)
+    return [(id, subscriptions) for _, _, _, id, subscriptions in rows]
 
 
 def outcome_known(error: Exception) -> bool:
@@ -389,11 +467,24 @@ def outcome_known(error: Exception) -> bool:
 MAX_CLAIMS = 10
 
 
-def consume(conn: sa.Connection, subscription_id: str, consumer_id: str, batch_size: int) -> list:
+def consume(
+    conn: sa.Connection,
+    subscription_id: str,
+    consumer_id: str,
+    batch_size: int,
+    token: TokenRef | None = None,
+) -> list:
     """Lease up to batch_size claimable messages to consumer_id: (id, payload as JSON text,
-    delivery_attempts, created_at, lease, state) tuples."""
-    params = {"subscription_id": subscription_id, "consumer_id": consumer_id, "batch_size": batch_size}
+    delivery_attempts, created_at, lease, state) tuples. With a token, only while it is current."""
+    params = {
+        "subscription_id": subscription_id,
+        "consumer_id": consumer_id,
+        "batch_size": batch_size,
+        **token_params(token),
+    }
     rows = run(conn, CLAIM, params).fetchall()
+    if rows and rows[0][5] == REVOKED_STATE:
+        raise Unauthorized(TOKEN_REVOKED)
     if rows and rows[0][5] == MISSING:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
     for _ in range(MAX_CLAIMS - 1):
@@ -421,46 +512,73 @@ def lease_array(refs: Sequence[MessageRef]) -> str | None:
     return "{" + ",".join("NULL" if lease is None else str(lease) for _, lease in refs) + "}"
 
 
-def settle(conn: sa.Connection, statement: sa.TextClause, subscription_id: str, refs, **params) -> list[int]:
-    """Run ack, nack or extend; returns each ref's outcome (DONE, STALE or NOT_FOUND)."""
+def settle(
+    conn: sa.Connection,
+    statement: sa.TextClause,
+    subscription_id: str,
+    refs,
+    token: TokenRef | None,
+    **params,
+) -> list[int]:
+    """Run ack, nack or extend; returns each ref's outcome (DONE, STALE or NOT_FOUND). With a
+    token, only while it is current."""
     params.update(
-        subscription_id=subscription_id, ids=uuid_array([id for id, _ in refs]), leases=lease_array(refs)
+        subscription_id=subscription_id,
+        ids=uuid_array([id for id, _ in refs]),
+        leases=lease_array(refs),
+        **token_params(token),
     )
     rows = run(conn, statement, params).fetchall()
     if not rows:  # no refs: nothing to settle, but the subscription must exist
-        ensure_subscription(conn, subscription_id)
+        ensure_subscription(conn, subscription_id, token)
+    elif not rows[0][2]:
+        raise Unauthorized(TOKEN_REVOKED)
     elif not rows[0][1]:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
-    return [outcome for outcome, _ in rows]
+    return [outcome for outcome, _, _ in rows]
 
 
-def ack(conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef]) -> list[int]:
+def ack(
+    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], token: TokenRef | None = None
+) -> list[int]:
     """Acknowledge current deliveries; anything else named is left alone (STALE, NOT_FOUND)."""
-    return settle(conn, ACK, subscription_id, refs)
+    return settle(conn, ACK, subscription_id, refs, token)
 
 
-def ack_current(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:
+def ack_current(
+    conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str], token: TokenRef | None = None
+) -> int:
     """Acknowledge the current deliveries of these messages; returns how many. Others are ignored."""
-    params = {"subscription_id": subscription_id, "ids": uuid_array(ids)}
-    count, known = run(conn, ACK_CURRENT, params).fetchone()
+    params = {"subscription_id": subscription_id, "ids": uuid_array(ids), **token_params(token)}
+    count, known, current = run(conn, ACK_CURRENT, params).fetchone()
+    if not current:
+        raise Unauthorized(TOKEN_REVOKED)
     if not known:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
     return count
 
 
 def nack(
-    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], delay_seconds: int | None = None
+    conn: sa.Connection,
+    subscription_id: str,
+    refs: Sequence[MessageRef],
+    delay_seconds: int | None = None,
+    token: TokenRef | None = None,
 ) -> list[int]:
     """Return current deliveries for a retry after the backoff (or delay_seconds), or to the DLQ
     when their attempts are used up."""
-    return settle(conn, NACK, subscription_id, refs, delay_seconds=delay_seconds)
+    return settle(conn, NACK, subscription_id, refs, token, delay_seconds=delay_seconds)
 
 
 def extend(
-    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], seconds: int | None = None
+    conn: sa.Connection,
+    subscription_id: str,
+    refs: Sequence[MessageRef],
+    seconds: int | None = None,
+    token: TokenRef | None = None,
 ) -> list[int]:
     """Move the ack deadline of current deliveries to now + seconds (default: the subscription's)."""
-    return settle(conn, EXTEND, subscription_id, refs, seconds=seconds)
+    return settle(conn, EXTEND, subscription_id, refs, token, seconds=seconds)
 
 
 def reprocess(conn: sa.Connection, subscription_id: str, ids: Sequence[uuid.UUID | str]) -> int:

@@ -30,6 +30,7 @@ from tests.auth_support import (
     new_client,
     token_request,
 )
+from tests.test_hostile_input import table_rows
 from tests.test_serve import serve_env, serve_refused
 
 # The shared fixtures.
@@ -308,6 +309,63 @@ def test_two_tokens_of_one_client_both_work_until_an_update(auth_app, auth_clien
     assert client.put(f"/clients/{client_id}", json=body).status_code == 200
     for token in tokens:
         assert_unauthorized(auth_client.get("/topics", headers=token))
+
+
+# The consumer's requests check revocation in their own statement (messages.GATE): each kind of
+# each of them, after each kind of revocation. (method, path, body, query, headers), for the
+# message the consumer holds.
+PREFER = {"Prefer": "return=representation"}
+SUB = "/subscriptions/sub"
+CONSUMER_REQUESTS = {
+    "consume": lambda m: ("GET", f"{SUB}/messages", None, {"consumer_id": "c"}, {}),
+    "long-poll consume": lambda m: (
+        "GET",
+        f"{SUB}/messages",
+        None,
+        {"consumer_id": "c", "wait_seconds": 1},
+        {},
+    ),
+    "ack": lambda m: ("POST", f"{SUB}/acks", [m["id"]], {}, {}),
+    "ack by ack_id": lambda m: ("POST", f"{SUB}/acks", [m["ack_id"]], {}, {}),
+    "ack with outcomes": lambda m: ("POST", f"{SUB}/acks", [m["id"]], {}, PREFER),
+    "ack of nothing": lambda m: ("POST", f"{SUB}/acks", [], {}, {}),
+    "nack": lambda m: ("POST", f"{SUB}/nacks", [m["id"]], {}, {}),
+    "nack of nothing": lambda m: ("POST", f"{SUB}/nacks", [], {}, {}),
+    "extend": lambda m: ("POST", f"{SUB}/extend", [m["ack_id"]], {"seconds": 600}, {}),
+}
+CONSUMER = {"name": "c", "scopes": "subscriptions:consume:sub"}
+REVOKE = {
+    "deleted": lambda client, client_id: client.delete(f"/clients/{client_id}"),
+    "deactivated": lambda client, client_id: client.put(
+        f"/clients/{client_id}", json={**CONSUMER, "is_active": False}
+    ),
+    "updated": lambda client, client_id: client.put(
+        f"/clients/{client_id}", json={**CONSUMER, "is_active": True}
+    ),
+}
+
+
+@pytest.mark.parametrize("revoke", REVOKE.values(), ids=REVOKE)
+@pytest.mark.parametrize("request_of", CONSUMER_REQUESTS.values(), ids=CONSUMER_REQUESTS)
+def test_a_consumer_whose_token_is_revoked_is_refused_at_its_next_request_and_changes_nothing(
+    auth_app, auth_client, client, api, engine, request_of, revoke
+):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    api.publish("orders", [{"n": 1}, {"n": 2}])
+    client_id, secret = new_client(auth_app, CONSUMER["scopes"])
+    token = bearer(token_request(auth_client, client_id, secret).json["access_token"])
+    consumed = auth_client.get(f"{SUB}/messages?consumer_id=c&batch_size=1", headers=token)
+    assert consumed.status_code == 200, consumed.json
+    assert revoke(client, client_id).status_code in (200, 204)
+    before = table_rows(engine)
+    method, path, body, query, headers = request_of(consumed.json["data"][0])
+    response = auth_client.open(
+        path, method=method, json=body, query_string=query, headers={**token, **headers}
+    )
+    assert_unauthorized(response)
+    assert response.json["detail"] == "token has been revoked"
+    assert table_rows(engine) == before  # nothing claimed, acked, nacked or extended
 
 
 # --- POST /oauth/token ---------------------------------------------------------------------------

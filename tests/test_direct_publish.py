@@ -1,5 +1,5 @@
 """blueprints.topics.DirectPublish: a plain publish answered without Flask's request machinery,
-and every other publish left to the view, with the same answers either way.
+and every other publish left to the view, with the same answers either way, auth off and on.
 
 Each request below goes to two apps on the same database: the app as built, and one whose
 DirectPublish is taken out, so that Flask and the view answer everything. Their answers must be
@@ -10,12 +10,17 @@ import http.client
 import json
 import re
 import socket
+import time
+import uuid
+from collections.abc import Callable
 
 import pytest
 
+from pubsub import clients, db
 from pubsub.schemas import UUID_PATTERN
-from tests.auth_support import EXPIRE_MINUTES, SECRET_KEY
+from tests.auth_support import EXPIRE_MINUTES, OTHER_KEY, SECRET_KEY, bearer, new_client, token_request
 from tests.conftest import ApiHelper
+from tests.test_auth import resign
 from tests.test_observability import sample
 from tests.test_serve import free_port, request, serve_env, serving, wait_until_live
 
@@ -136,14 +141,184 @@ def test_direct_publishes_are_stored_once_each_in_order(orders, direct):
     assert payloads == [{"n": n, "i": i} for n in range(5) for i in range(2)]
 
 
-def test_with_auth_on_every_publish_goes_through_the_view(make_app):
-    app = make_app(
-        AUTH_ENABLED=True, AUTH_SECRET_KEY=SECRET_KEY, AUTH_ACCESS_TOKEN_EXPIRE_MINUTES=EXPIRE_MINUTES
+# --- auth on: the same answers, the token checked on both paths -----------------------------------
+
+AUTH = {
+    "AUTH_ENABLED": True,
+    "AUTH_SECRET_KEY": SECRET_KEY,
+    "AUTH_ACCESS_TOKEN_EXPIRE_MINUTES": EXPIRE_MINUTES,
+}
+
+
+@pytest.fixture(scope="module")
+def auth_apps(make_app) -> tuple[Routed, Routed]:
+    settings = {**AUTH, "API_MAX_BODY_BYTES": LIMIT}
+    return Routed(make_app(**settings), True), Routed(make_app(**settings), False)
+
+
+@pytest.fixture
+def auth_direct(auth_apps, orders) -> Routed:
+    auth_apps[0].reached_flask = 0
+    return auth_apps[0]
+
+
+@pytest.fixture
+def auth_flask_only(auth_apps) -> Routed:
+    auth_apps[1].reached_flask = 0
+    return auth_apps[1]
+
+
+def issue(app, scopes: str) -> tuple[str, str]:
+    """A new client's id and a token issued to it."""
+    client_id, secret = new_client(app, scopes)
+    response = token_request(app.test_client(), client_id, secret)
+    assert response.status_code == 201, response.json
+    return client_id, response.json["access_token"]
+
+
+def change_client(app, client_id: str, **changes) -> None:
+    with app.app_context(), db.begin() as conn:
+        client = clients.get_client(conn, uuid.UUID(client_id))
+        fields = {name: client[name] for name in ("name", "scopes", "is_active")}
+        clients.update_client(conn, uuid.UUID(client_id), **{**fields, **changes})
+
+
+def delete_client(app, client_id: str) -> None:
+    with app.app_context(), db.begin() as conn:
+        clients.delete_client(conn, uuid.UUID(client_id))
+
+
+# Each revokes a client's tokens as SPEC §4 says: deleted, deactivated, or updated (even with
+# nothing changed but token_version).
+REVOCATIONS: dict[str, Callable] = {
+    "deleted": delete_client,
+    "deactivated": lambda app, client_id: change_client(app, client_id, is_active=False),
+    "updated": change_client,
+}
+
+
+def token(app, kind: str) -> dict[str, str]:
+    """The Authorization header of a kind of token (or none)."""
+    if kind == "none":
+        return {}
+    if kind.startswith("revoked, "):
+        client_id, issued = issue(app, "topics:publish")
+        REVOCATIONS[kind.removeprefix("revoked, ")](app, client_id)
+        return bearer(issued)
+    scopes = {"publish": "topics:publish", "admin": "*", "object": "topics:publish:orders"}
+    scopes |= {"other object": "topics:publish:payments", "read": "topics:read topics:read:orders"}
+    if kind in scopes:
+        return bearer(issue(app, scopes[kind])[1])
+    _, issued = issue(app, "topics:publish")
+    forged = {
+        "expired": lambda: resign(issued, exp=int(time.time()) - 60),
+        "foreign key": lambda: resign(issued, OTHER_KEY),
+        "not a client id": lambda: resign(issued, sub="orders"),
+        "a string version": lambda: resign(issued, ver="1"),
+    }
+    if kind == "basic":
+        return {"Authorization": f"Basic {issued}"}
+    return bearer(forged[kind]())
+
+
+ONE = {"json": [{"n": 1}]}
+
+# (what, token, path, request, whether DirectPublish answers it, the status)
+AUTH_CASES = [
+    ("publish scope", "publish", PUBLISH, ONE, True, 204),
+    ("admin scope", "admin", PUBLISH, ONE, True, 204),
+    ("the topic's own scope", "object", PUBLISH, ONE, True, 204),
+    ("a batch", "object", PUBLISH, {"json": [{"n": 1}, {}]}, True, 204),
+    ("an empty array", "publish", PUBLISH, {"json": []}, True, 204),
+    ("no token", "none", PUBLISH, ONE, False, 401),
+    ("no bearer token", "basic", PUBLISH, ONE, False, 401),
+    ("an expired token", "expired", PUBLISH, ONE, False, 401),
+    ("a token signed with another key", "foreign key", PUBLISH, ONE, False, 401),
+    ("a token naming no client id", "not a client id", PUBLISH, ONE, False, 401),
+    ("a token with a version that is no number", "a string version", PUBLISH, ONE, False, 401),
+    ("another topic's scope", "other object", PUBLISH, ONE, False, 403),
+    ("no publish scope", "read", PUBLISH, ONE, False, 403),
+    ("deleted client", "revoked, deleted", PUBLISH, ONE, True, 401),
+    ("deactivated client", "revoked, deactivated", PUBLISH, ONE, True, 401),
+    ("updated client", "revoked, updated", PUBLISH, ONE, True, 401),
+    ("revoked, to a missing topic", "revoked, updated", "/topics/missing/messages", ONE, True, 401),
+    (
+        "revoked, malformed JSON",
+        "revoked, deleted",
+        PUBLISH,
+        {"data": b"[", "content_type": JSON},
+        False,
+        401,
+    ),
+    (
+        "revoked, Prefer",
+        "revoked, updated",
+        PUBLISH,
+        {**ONE, "headers": {"Prefer": "return=representation"}},
+        False,
+        401,
+    ),
+    ("a missing topic", "publish", "/topics/missing/messages", ONE, True, 404),
+    ("a missing topic, its scope", "object", "/topics/missing/messages", ONE, False, 403),
+    ("a NUL character", "publish", PUBLISH, {"data": b'[{"s": "\\u0000"}]', "content_type": JSON}, True, 422),
+    ("malformed JSON", "publish", PUBLISH, {"data": b'[{"n": ', "content_type": JSON}, False, 400),
+    ("not JSON", "publish", PUBLISH, {"data": b"[{}]", "content_type": "text/plain"}, False, 415),
+    ("Prefer", "object", PUBLISH, {**ONE, "headers": {"Prefer": "return=representation"}}, False, 201),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "request_", "answered_directly", "status"),
+    [c[1:] for c in AUTH_CASES],
+    ids=[c[0] for c in AUTH_CASES],
+)
+def test_with_auth_on_a_publish_gets_the_same_answer_with_or_without_the_direct_path(
+    auth_direct, auth_flask_only, kind, path, request_, answered_directly, status
+):
+    headers = {**token(auth_direct.client.application, kind), **request_.get("headers", {})}
+    request_ = {**request_, "headers": headers}
+    auth_direct.reached_flask = 0
+    expected = auth_flask_only.answer(path, **request_)
+    assert int(expected[0][:3]) == status, expected
+    assert auth_direct.answer(path, **request_) == expected
+    assert auth_direct.reached_flask == (0 if answered_directly else 1)
+    assert auth_flask_only.reached_flask == 1
+
+
+@pytest.mark.parametrize("revocation", REVOCATIONS.values(), ids=REVOCATIONS)
+def test_a_revoked_token_is_refused_at_the_next_publish_on_either_path_and_stores_nothing(
+    auth_direct, auth_flask_only, orders, revocation
+):
+    app = auth_direct.client.application
+    client_id, issued = issue(app, "topics:publish")
+    headers = bearer(issued)
+    auth_direct.reached_flask = 0
+    for routed in (auth_direct, auth_flask_only):
+        assert routed.client.post(PUBLISH, json=[{"n": 1}], headers=headers).status_code == 204
+    assert auth_direct.reached_flask == 0
+    revocation(app, client_id)
+    for routed in (auth_direct, auth_flask_only):
+        response = routed.client.post(PUBLISH, json=[{"n": 2}], headers=headers)
+        assert (response.status_code, response.json) == (401, {"detail": "token has been revoked"})
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert auth_direct.reached_flask == 0  # the direct path refused it itself
+    assert [m["payload"] for m in orders.consume("sub", batch_size=10)] == [{"n": 1}, {"n": 1}]
+
+
+def test_a_client_revoked_through_one_server_is_refused_by_the_other_at_once(auth_direct, auth_flask_only):
+    # Two apps on one database stand for two servers: nothing is cached between them.
+    _, admin = issue(auth_direct.client.application, "*")
+    client_id, issued = issue(auth_direct.client.application, "topics:publish:orders")
+    auth_direct.reached_flask = 0
+    assert auth_direct.client.post(PUBLISH, json=[{"n": 1}], headers=bearer(issued)).status_code == 204
+    body = {"name": "test", "scopes": "topics:publish:orders", "is_active": True}
+    assert (
+        auth_flask_only.client.put(f"/clients/{client_id}", json=body, headers=bearer(admin)).status_code
+        == 200
     )
-    routed = Routed(app, direct=True)
-    status, _, _ = routed.answer(PUBLISH, json=[{"n": 1}])
-    assert status.startswith("401")
-    assert routed.reached_flask == 1
+    response = auth_direct.client.post(PUBLISH, json=[{"n": 2}], headers=bearer(issued))
+    assert (response.status_code, response.json["detail"]) == (401, "token has been revoked")
+    assert auth_direct.reached_flask == 0
 
 
 def test_direct_publishes_get_a_request_id_and_are_counted_under_their_route(orders, direct):

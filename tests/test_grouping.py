@@ -8,14 +8,16 @@ function, or a row lock its publish waits for) until the others have queued behi
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from pubsub import messages
+from pubsub import clients, db, messages
 from pubsub.grouping import GroupCommit
+from tests.auth_support import bearer, new_client, token_request
 
 WAIT = 10  # seconds: every wait below is bounded
 
@@ -235,9 +237,11 @@ class Locks:
 
     def publishes_waiting(self) -> int:
         with psycopg.connect(self.url, autocommit=True) as other:
+            # pg_stat_activity keeps a query's first 1024 bytes: the publish statement is
+            # known by its start, where it reads its parameters.
             return other.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE '%INSERT INTO subscription_messages%'"
+                " AND query LIKE '%jsonb_array_elements%'"
             ).fetchone()[0]
 
 
@@ -248,9 +252,12 @@ def locks(database_url):
     locks.conn.close()
 
 
-def publish_in_thread(app, statuses: dict, index: int, topic: str, payloads: list) -> threading.Thread:
+def publish_in_thread(
+    app, statuses: dict, index: int, topic: str, payloads: list, headers: dict | None = None
+) -> threading.Thread:
     def publish() -> None:
-        statuses[index] = app.test_client().post(f"/topics/{topic}/messages", json=payloads).status_code
+        response = app.test_client().post(f"/topics/{topic}/messages", json=payloads, headers=headers)
+        statuses[index] = response.status_code
 
     thread = threading.Thread(target=publish, daemon=True)
     thread.start()
@@ -263,16 +270,17 @@ def join(threads: list[threading.Thread]) -> None:
         assert not thread.is_alive()
 
 
-def publish_group_of(app, locks: Locks, first: tuple[str, list], others: list[tuple[str, list]]) -> dict:
+def publish_group_of(app, locks: Locks, first: tuple, others: list[tuple]) -> dict:
     """Publish `first`, held by a table lock until the others have queued behind it, then the
-    others, each from a thread of its own: each request's status."""
+    others, each from a thread of its own: each request's status. A publish is (topic, payloads)
+    or (topic, payloads, headers)."""
     statuses: dict[int, int] = {}
     locks.hold_message_table()
     threads = [publish_in_thread(app, statuses, 0, *first)]
     wait_until(lambda: locks.publishes_waiting() == 1, "the first publish to wait for the lock")
     group = app.extensions["pubsub_publish_group"]
-    for index, (topic, payloads) in enumerate(others, 1):
-        threads.append(publish_in_thread(app, statuses, index, topic, payloads))
+    for index, publish in enumerate(others, 1):
+        threads.append(publish_in_thread(app, statuses, index, *publish))
     wait_until(lambda: queued(group) == len(others), "the other publishes to queue")
     locks.release()
     join(threads)
@@ -359,6 +367,75 @@ def test_a_publish_waiting_for_a_locked_subscription_holds_up_no_other_topic(app
     assert sorted((sub, n) for sub, n, _ in stored(database_url)) == [("billing", n) for n in range(1, 6)] + [
         ("sub", 0)
     ]
+
+
+# Each revokes a client's tokens (SPEC §4), by the domain function the API calls.
+REVOCATIONS = {
+    "deleted": clients.delete_client,
+    "deactivated": lambda conn, client_id: clients.update_client(
+        conn, client_id, "t", "topics:publish", False
+    ),
+    "updated": lambda conn, client_id: clients.update_client(conn, client_id, "t", "topics:publish", True),
+}
+
+
+def issued(app, scopes: str) -> tuple[uuid.UUID, dict]:
+    """A new client's id, and the Authorization header of a token issued to it."""
+    client_id, secret = new_client(app, scopes)
+    return uuid.UUID(client_id), bearer(
+        token_request(app.test_client(), client_id, secret).json["access_token"]
+    )
+
+
+def test_in_a_group_only_publishes_with_revoked_tokens_fail_and_nothing_of_theirs_is_stored(
+    auth_app, api, database_url, locks
+):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    _, current = issued(auth_app, "topics:publish")
+    revoked = {}
+    for how, revoke in REVOCATIONS.items():
+        client_id, revoked[how] = issued(auth_app, "topics:publish")
+        with auth_app.app_context(), db.begin() as conn:
+            revoke(conn, client_id)
+    others = [
+        ("orders", [{"n": 1}], current),
+        ("orders", [{"n": 2}], revoked["deleted"]),
+        ("orders", [{"n": 3}], current),
+        ("orders", [{"n": 4}], revoked["deactivated"]),
+        ("orders", [{"n": 5}], revoked["updated"]),
+        ("nowhere", [{"n": 6}], revoked["updated"]),  # revoked comes first, as before any statement
+        ("nowhere", [{"n": 7}], current),
+    ]
+    statuses = publish_group_of(auth_app, locks, ("orders", [{"n": 0}], current), others)
+    assert statuses == {0: 204, 1: 204, 2: 401, 3: 204, 4: 401, 5: 401, 6: 401, 7: 404}
+    rows = stored(database_url)
+    assert sorted(n for _, n, _ in rows) == [0, 1, 3]
+    transactions = {n: xmin for _, n, xmin in rows}
+    assert transactions[1] == transactions[3] != transactions[0]  # in the group's one statement
+
+
+def test_publish_many_answers_each_batch_published_missing_or_revoked(app, api, database_url):
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    with app.app_context(), db.begin() as conn:
+        kept, _ = clients.create_client(conn, "kept", "*")
+        gone, _ = clients.create_client(conn, "gone", "*")
+        clients.delete_client(conn, gone)
+    kept_token, gone_token = (str(kept), 1), (str(gone), 1)
+    batches = [
+        ("orders", '[{"n": 1}]', None),
+        ("orders", '[{"n": 2}]', kept_token),
+        ("orders", '[{"n": 3}]', gone_token),
+        ("orders", '[{"n": 4}]', (str(kept), 2)),  # an older token_version than the client's
+        ("nowhere", '[{"n": 5}]', kept_token),
+        ("nowhere", '[{"n": 6}]', gone_token),
+    ]
+    with app.app_context(), db.connect() as conn:
+        outcomes, copies = messages.publish_many(conn, batches)
+    P, N, R = messages.PUBLISHED, messages.NO_TOPIC, messages.REVOKED
+    assert (outcomes, copies) == ([P, P, R, R, N, R], 2)
+    assert sorted(n for _, n, _ in stored(database_url)) == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -150,15 +150,22 @@ def conn(backlog: Backlog) -> Iterator[psycopg.Connection]:
         conn.rollback()  # EXPLAIN without ANALYZE runs nothing; roll back the DML all the same
 
 
+# With auth on, the statements check the request's token themselves (messages.GATE): planned
+# with one, as the plan with none can only be simpler. Its client need not exist for a plan.
+TOKEN = messages.token_params((str(uuid.uuid4()), 1))
+
+
 def claim_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
-    return messages.CLAIM, {"subscription_id": subscription_id, "consumer_id": "worker-1", "batch_size": 10}
+    params = {"subscription_id": subscription_id, "consumer_id": "worker-1", "batch_size": 10}
+    return messages.CLAIM, {**params, **TOKEN}
 
 
 def settle_params(backlog: Backlog, subscription_id: str, **params) -> dict:
     """Half the ids as plain message ids, half as lease tokens (the first delivery's)."""
     ids = backlog.delivered_ids[subscription_id]
     leases = "{" + ",".join("NULL" if n % 2 else "1" for n in range(len(ids))) + "}"
-    return {"subscription_id": subscription_id, "ids": messages.uuid_array(ids), "leases": leases, **params}
+    ids_array = messages.uuid_array(ids)
+    return {"subscription_id": subscription_id, "ids": ids_array, "leases": leases, **TOKEN, **params}
 
 
 def ack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
@@ -167,7 +174,7 @@ def ack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable
 
 def ack_current_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
     ids = messages.uuid_array(backlog.delivered_ids[subscription_id])
-    return messages.ACK_CURRENT, {"subscription_id": subscription_id, "ids": ids}
+    return messages.ACK_CURRENT, {"subscription_id": subscription_id, "ids": ids, **TOKEN}
 
 
 def nack_statement(backlog: Backlog, subscription_id: str) -> tuple[sa.Executable, dict]:
@@ -425,15 +432,19 @@ def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
             db.dispose(app)
 
 
+# Run with EXPLAIN ANALYZE: no token (auth off), so that the statements do their work.
+NO_TOKEN = messages.token_params(None)
+
+
 def by_id(state: PlanState, ids: list[str], **params) -> dict:
-    return {"subscription_id": TARGET, "ids": messages.uuid_array(ids), "leases": None, **params}
+    return {"subscription_id": TARGET, "ids": messages.uuid_array(ids), "leases": None, **NO_TOKEN, **params}
 
 
 # name: (statement, parameters, whether it looks messages up by id)
 LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
     "claim": lambda s: (
         messages.CLAIM,
-        {"subscription_id": TARGET, "consumer_id": "c", "batch_size": BATCH},
+        {"subscription_id": TARGET, "consumer_id": "c", "batch_size": BATCH, **NO_TOKEN},
         True,
     ),
     "ack": lambda s: (messages.ACK, by_id(s, s.delivered[:BATCH]), True),

@@ -1,6 +1,7 @@
 """Round trips to PostgreSQL per request, counted on the wire (libpq's protocol trace of the
 pool's connections): one for each request a busy consumer makes, the empty answers and the
-requests that change nothing included (issue 14)."""
+requests that change nothing included; and as many with auth on, since each of these requests
+checks its token's revocation in its own statement (issue 14)."""
 
 import tempfile
 import uuid
@@ -11,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from pubsub import db
+from tests.auth_support import bearer
 
 
-@pytest.fixture
-def round_trips(app) -> Iterator[Callable[[Callable[[], object]], int]]:
+def trace_round_trips(app) -> Iterator[Callable[[Callable[[], object]], int]]:
     """count(action): how many round trips the app's pooled connections made while it ran."""
     engine = db.get_engine(app)
     trace = tempfile.TemporaryFile("w+")
@@ -42,6 +43,16 @@ def round_trips(app) -> Iterator[Callable[[Callable[[], object]], int]]:
     sa.event.remove(engine, "checkout", checkout)
     sa.event.remove(engine, "checkin", checkin)
     trace.close()
+
+
+@pytest.fixture
+def round_trips(app) -> Iterator[Callable[[Callable[[], object]], int]]:
+    yield from trace_round_trips(app)
+
+
+@pytest.fixture
+def auth_round_trips(auth_app) -> Iterator[Callable[[Callable[[], object]], int]]:
+    yield from trace_round_trips(auth_app)
 
 
 @pytest.fixture
@@ -105,3 +116,43 @@ def test_what_a_busy_consumer_meets_when_nothing_happens_is_one_round_trip(round
 )
 def test_a_missing_subscription_is_a_404_in_one_round_trip(round_trips, client, method, path, body):
     assert round_trips(lambda: expect(404, getattr(client, method)(path, json=body))) == 1
+
+
+def test_with_auth_on_a_publish_checks_its_token_in_its_own_statement(
+    auth_round_trips, auth_client, queue, token_for
+):
+    headers = bearer(token_for("topics:publish"))
+    prefer = {**headers, "Prefer": "return=representation"}
+
+    def publish(status: int, headers: dict, topic: str = "orders") -> None:
+        expect(status, auth_client.post(f"/topics/{topic}/messages", json=[{"n": 1}], headers=headers))
+
+    assert auth_round_trips(lambda: publish(204, headers)) == 1
+    assert auth_round_trips(lambda: publish(201, prefer)) == 1
+    assert auth_round_trips(lambda: publish(404, headers, "missing")) == 1
+
+
+def test_with_auth_on_consume_ack_nack_and_extend_are_still_one_round_trip_each(
+    auth_round_trips, auth_client, queue, api, token_for
+):
+    api.publish("orders", [{"n": n} for n in range(4)])
+    token = bearer(token_for("subscriptions:consume:sub"))
+    path = "/subscriptions/sub"
+    consumed = []
+
+    def consume() -> None:
+        response = auth_client.get(f"{path}/messages?consumer_id=c&batch_size=4", headers=token)
+        expect(200, response)
+        consumed.extend(message["id"] for message in response.json["data"])
+
+    def post(status: int, action: str, ids: list, headers: dict | None = None) -> None:
+        expect(status, auth_client.post(f"{path}/{action}", json=ids, headers={**token, **(headers or {})}))
+
+    assert auth_round_trips(consume) == 1
+    assert auth_round_trips(lambda: post(204, "extend", consumed[:1])) == 1
+    assert auth_round_trips(lambda: post(204, "nacks", consumed[1:2])) == 1
+    assert (
+        auth_round_trips(lambda: post(200, "acks", consumed[2:3], {"Prefer": "return=representation"})) == 1
+    )
+    assert auth_round_trips(lambda: post(204, "acks", consumed[3:])) == 1
+    assert auth_round_trips(lambda: post(204, "acks", consumed[3:])) == 1  # nothing left to ack

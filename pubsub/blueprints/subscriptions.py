@@ -5,7 +5,7 @@ import time
 from flask import current_app
 from flask.views import MethodView
 
-from pubsub import db, listener, messages, subscriptions
+from pubsub import auth, db, listener, messages, subscriptions
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
@@ -88,8 +88,9 @@ def settled(outcomes: list[int], done: str):
 
 
 def consume(subscription_id: str, query: dict) -> list:
+    token = auth.revocation_token()  # checked by the claim itself (the first one, for a long poll)
     with db.connect() as conn:
-        return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"])
+        return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"], token)
 
 
 def consume_waiting(subscription_id: str, query: dict) -> list:
@@ -179,12 +180,13 @@ class Acks(MethodView):
     def post(self, id):
         """Acknowledge delivered messages; ids not delivered to this subscription are ignored."""
         refs = load_message_refs()
+        token = auth.revocation_token()  # checked by the statement itself
         if not wants_representation() and all(lease is None for _, lease in refs):
             with db.connect() as conn:  # fastpubsub's form, the hot path: no outcomes to compute
-                messages.ack_current(conn, id, [message for message, _ in refs])
+                messages.ack_current(conn, id, [message for message, _ in refs], token)
             return None
         with db.connect() as conn:
-            outcomes = messages.ack(conn, id, refs)
+            outcomes = messages.ack(conn, id, refs, token)
         return settled(outcomes, "acked")
 
 
@@ -198,8 +200,9 @@ class Nacks(MethodView):
     def post(self, query, id):
         """Negatively acknowledge: retry after backoff, or dead-letter when attempts are used up."""
         refs = load_message_refs()
+        token = auth.revocation_token()  # checked by the statement itself
         with db.connect() as conn:
-            outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"))
+            outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"), token)
         return settled(outcomes, "nacked")
 
 
@@ -213,8 +216,9 @@ class Extend(MethodView):
     def post(self, query, id):
         """Move the ack deadline of delivered messages to now + seconds. Extension to the fastpubsub API."""
         refs = load_message_refs()
+        token = auth.revocation_token()  # checked by the statement itself
         with db.connect() as conn:
-            outcomes = messages.extend(conn, id, refs, query.get("seconds"))
+            outcomes = messages.extend(conn, id, refs, query.get("seconds"), token)
         return settled(outcomes, "extended")
 
 

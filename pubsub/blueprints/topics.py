@@ -9,7 +9,7 @@ from flask import Flask, current_app
 from flask.views import MethodView
 from werkzeug.http import HTTP_STATUS_CODES
 
-from pubsub import db, messages, topics
+from pubsub import auth, db, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
@@ -20,7 +20,8 @@ from pubsub.blueprints import (
     representation,
     wants_representation,
 )
-from pubsub.errors import TOPIC_NOT_FOUND, NotFound, ValidationFailed
+from pubsub.clients import TokenRef
+from pubsub.errors import ValidationFailed
 from pubsub.grouping import GroupCommit
 from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
@@ -102,11 +103,12 @@ class TopicMessages(MethodView):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
+        token = auth.revocation_token()  # checked by the publish statement itself
         if not wants_representation():
-            publish_grouped(id, raw.decode())
+            publish_grouped(id, raw.decode(), token)
             return None
         with db.connect() as conn:
-            receipts = messages.publish_with_receipts(conn, id, raw.decode())
+            receipts = messages.publish_with_receipts(conn, id, raw.decode(), token)
         return representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
 
 
@@ -116,8 +118,9 @@ PUBLISH_GROUP_MAX_REQUESTS = 64
 PUBLISH_GROUP_MAX_BYTES = 256 * 1024
 
 
-def publish_grouped(topic_id: str, payloads: str) -> None:
-    """Publish one request's batch, in a statement shared with concurrent publishes."""
+def publish_grouped(topic_id: str, payloads: str, token: TokenRef | None) -> None:
+    """Publish one request's batch, in a statement shared with concurrent publishes, if its token
+    (None: auth off) is still current."""
     group = current_app.extensions.get("pubsub_publish_group")
     if group is None:
         group = current_app.extensions.setdefault(
@@ -131,34 +134,37 @@ def publish_grouped(topic_id: str, payloads: str) -> None:
             ),
         )
     db.run_all_pending()  # the statement may run on another request's connection
-    if not group.run((topic_id, payloads), len(payloads)):
-        raise NotFound(TOPIC_NOT_FOUND)
+    messages.ensure_published(group.run((topic_id, payloads, token), len(payloads)))
 
 
-def publish_group(batches: Sequence[tuple[str, str]]) -> list[bool]:
+def publish_group(batches: Sequence[messages.Batch]) -> list[int]:
     with db.connect() as conn:
         return messages.publish_many(conn, batches, wait=False)[0]
 
 
-def publish_alone(batch: tuple[str, str]) -> bool:
+def publish_alone(batch: messages.Batch) -> int:
     with db.connect() as conn:
         return messages.publish_many(conn, [batch])[0][0]
 
 
-# A publish that is plainly valid, sent without auth or Prefer: the view would store its body as
-# is and answer 204. Its topic id is one topics can have, so it needs no URL decoding.
+# A publish that is plainly valid, sent without Prefer, with a token that allows it when auth is
+# on: the view would store its body as is and answer 204. Its topic id is one topics can have, so
+# it needs no URL decoding.
 DIRECT_PATH = re.compile(f"/topics/({ID})/messages")
 DIRECT_LENGTH = re.compile(r"[0-9]{1,12}")
 NO_CONTENT = f"204 {HTTP_STATUS_CODES[204].upper()}"  # as Werkzeug spells it
+PUBLISH_ACTIONS = ("publish",)
 
 
 class DirectPublish:
     """WSGI middleware: answers the plain publish without Flask's request context, routing and
     response objects, which cost about 40 % of a one-message publish (bench/README.md). Every
-    other request, and every publish it has any doubt about, goes to Flask, with the body it read
-    put back, so the view and its error handlers answer exactly as they would have. Errors raised
-    while publishing are answered by the app's own handlers, never by running the view again:
-    by then the messages may be stored."""
+    other request, and every publish it has any doubt about (a token that is missing, invalid or
+    short of the scope included), goes to Flask, with the body it read put back, so the view and
+    its error handlers answer exactly as they would have. With auth on it makes the view's checks
+    (auth.authorize), and the publish statement checks revocation, as it does for the view.
+    Errors raised while publishing (a revoked token among them) are answered by the app's own
+    handlers, never by running the view again: by then the messages may be stored."""
 
     def __init__(self, app: Flask, wsgi_app):
         self.app = app
@@ -166,28 +172,20 @@ class DirectPublish:
         self.rule = None  # the view's URL rule, for the request metrics
 
     def __call__(self, environ, start_response):
-        batch = self.plain_publish(environ)
-        if batch is None:
+        publish = self.plain_publish(environ)
+        if publish is None:
             return self.wsgi_app(environ, start_response)
-        if self.rule is None:
-            self.rule = next(self.app.url_map.iter_rules("topics.TopicMessages"))
-        environ[ROUTE_KEY] = self.rule
-        try:
-            with self.app.app_context():
-                publish_grouped(*batch)
-        except Exception as error:
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(error))
-                return response(environ, start_response)
-        start_response(NO_CONTENT, [])
-        return []
+        with self.app.app_context():
+            batch = self.read_batch(environ, *publish)
+            if batch is not None:
+                return self.publish(environ, start_response, batch)
+        return self.wsgi_app(environ, start_response)
 
-    def plain_publish(self, environ) -> tuple[str, str] | None:
-        """The topic id and the JSON array of a plain publish, or None for Flask to answer."""
+    def plain_publish(self, environ) -> tuple[str, int] | None:
+        """The topic id and body size of what looks like a plain publish, or None for Flask."""
         if (
             environ.get("REQUEST_METHOD") != "POST"
             or "HTTP_PREFER" in environ
-            or self.app.config["AUTH_ENABLED"]
             or environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/json"
         ):
             return None
@@ -199,14 +197,39 @@ class DirectPublish:
         size = int(length[0])
         if limit is not None and size > limit:
             return None
+        return path[1], size
+
+    def read_batch(self, environ, topic_id: str, size: int) -> messages.Batch | None:
+        """The publish's batch, once its token (with auth on) and body pass the view's checks, or
+        None for Flask. In the app's context."""
+        token = None
+        if self.app.config["AUTH_ENABLED"]:
+            try:
+                authorization = environ.get("HTTP_AUTHORIZATION", "")
+                token = auth.authorize(authorization, "topics", PUBLISH_ACTIONS, topic_id)
+            except Exception:
+                return None  # the view answers 401 or 403, or whatever it would; nothing read yet
         try:
             raw = environ["wsgi.input"].read(size)
         except OSError:
             return None  # Flask meets the same broken stream, and answers it as usual
         if len(raw) == size and is_plain_batch(raw):
-            return path[1], raw.decode()
+            return topic_id, raw.decode(), token
         environ["wsgi.input"] = io.BytesIO(raw)
         return None
+
+    def publish(self, environ, start_response, batch: messages.Batch):
+        if self.rule is None:
+            self.rule = next(self.app.url_map.iter_rules("topics.TopicMessages"))
+        environ[ROUTE_KEY] = self.rule
+        try:
+            publish_grouped(*batch)
+        except Exception as error:
+            with self.app.request_context(environ):
+                response = self.app.make_response(self.app.handle_user_exception(error))
+                return response(environ, start_response)
+        start_response(NO_CONTENT, [])
+        return []
 
 
 def is_plain_batch(raw: bytes) -> bool:
