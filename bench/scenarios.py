@@ -37,7 +37,8 @@ TABLE_ACTIVITY = """
 SELECT autovacuum_count, autoanalyze_count, n_live_tup, n_dead_tup, n_mod_since_analyze,
        n_ins_since_vacuum, last_autovacuum, last_autoanalyze, now() AS at,
        (SELECT count(*) FROM pg_stat_activity
-        WHERE backend_type = 'autovacuum worker' AND position('subscription_messages' in query) > 0) AS workers
+        WHERE backend_type = 'autovacuum worker'
+          AND position('subscription_messages' in query) > 0) AS workers
 FROM pg_stat_user_tables WHERE relname = 'subscription_messages'
 """
 # What issue 14 ran between rounds, less its `DELETE FROM topics`: the round's topic is already
@@ -235,7 +236,9 @@ def consume_scenario(run: Run, available: int, acked_history: int):
     specs = [
         run.consumer(subscription, run.args.batch, until_empty=True) for _ in range(run.args.concurrency)
     ]
+    before = table_activity(run)
     outcome = run.load(specs)
+    after = table_activity(run)
     t = outcome.tally
     m = run.metrics(subscription)
     consumed = len(t.keys)
@@ -248,7 +251,7 @@ def consume_scenario(run: Run, available: int, acked_history: int):
         equal("acked == history + consumed", m["acked"], acked_history + consumed),
     ]
     run.drop(topic)
-    extra = cpu_per_message(outcome, t.consumed)
+    extra = {**cpu_per_message(outcome, t.consumed), **autovacuum_in_window(before, after)}
     if consumed == available:
         extra["note"] = f"queue drained after {outcome.elapsed:.1f}s"
     return outcome, t.consumed, checks, extra
