@@ -32,10 +32,13 @@ COLD_SETTLE = {
     "vacuum-analyze": ("VACUUM ANALYZE subscription_messages",),
 }
 # What PostgreSQL says about subscription_messages around a window: did autovacuum or auto-analyze
-# run on it (finished in the window, or still at work at its end), and what was left to do.
+# run on it (finished in the window, or still at work at its end), and what was left to do; and
+# how many sessions the database has seen: new ones in the window are the app's pool overflow
+# (a backend forked, and every statement planned afresh, per connection).
 TABLE_ACTIVITY = """
 SELECT autovacuum_count, autoanalyze_count, n_live_tup, n_dead_tup, n_mod_since_analyze,
        n_ins_since_vacuum, last_autovacuum, last_autoanalyze, now() AS at,
+       (SELECT sessions FROM pg_stat_database WHERE datname = current_database()) AS sessions,
        (SELECT count(*) FROM pg_stat_activity
         WHERE backend_type = 'autovacuum worker'
           AND position('subscription_messages' in query) > 0) AS workers
@@ -334,6 +337,8 @@ def autovacuum_in_window(before: dict | None, after: dict | None) -> dict:
         "autovacuum_workers_at_start": before["workers"],
         "autovacuum_workers_at_end": after["workers"],
         "dead_rows_at_end": after["n_dead_tup"],
+        # Less the one that took the second reading.
+        "new_sessions": after["sessions"] - before["sessions"] - 1,
     }
 
 
