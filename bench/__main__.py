@@ -27,6 +27,7 @@ DEFAULTS = {
     "warmup": 2.0,
     "rounds": 5,
     "round_messages": 100_000,
+    "cold_messages": 100_000,
 }
 SMOKE = {
     "duration": 1.5,
@@ -37,6 +38,7 @@ SMOKE = {
     "warmup": 0.5,
     "rounds": 3,
     "round_messages": 10_000,
+    "cold_messages": 10_000,
 }
 BUSY_MACHINE = 0.25  # cores used by processes outside the run that make its figures suspect
 
@@ -80,6 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--backlog-ack-batch", type=int, help="backlog: messages per past ack (--batch)")
     load.add_argument("--rounds", type=int, help="rounds: publish/consume/reset rounds (5; smoke 3)")
     load.add_argument("--round-messages", type=int, help="rounds: messages per round (100k; smoke 10k)")
+    load.add_argument("--cold-messages", type=int, help="consume_ack_cold: messages filled (100k; smoke 10k)")
+    load.add_argument("--cold-publishers", type=int, default=4, help="consume_ack_cold: publishers (4)")
+    load.add_argument("--cold-fill-batch", type=int, default=100, help="consume_ack_cold: fill batch (100)")
+    load.add_argument(
+        "--cold-settle",
+        choices=("none", "analyze", "vacuum", "vacuum-analyze"),
+        default="none",
+        help="consume_ack_cold: what runs between the fill and the consume, for A/B runs (none)",
+    )
     load.add_argument("--rate", type=float, help="mixed: publish rate, messages/s (2000; 0 = unpaced)")
     load.add_argument("--mixed-batch", type=int, default=10, help="mixed: messages per publish (10)")
     load.add_argument(
@@ -113,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scenarios = args.scenarios or list(SCENARIOS)
     if min(args.concurrency, args.batch, args.procs, args.mixed_batch) < 1 or args.batch > 1000:
         parser.error("--concurrency, --procs and --mixed-batch must be >= 1; --batch from 1 to 1000")
+    if args.cold_messages < 1 or args.cold_publishers < 1 or not 1 <= args.cold_fill_batch <= 1000:
+        parser.error("--cold-messages and --cold-publishers must be >= 1; --cold-fill-batch from 1 to 1000")
     if args.rounds < 2 or args.round_messages < 1:
         parser.error("--rounds must be >= 2 and --round-messages >= 1")
     if not 1 <= args.wait_seconds <= 20 or args.poll_ms < 0:
@@ -260,7 +273,7 @@ def fmt(value, digits=1) -> str:
 
 
 COLUMNS = (
-    ("scenario", 14), ("mode", 4), ("w×t", 5), ("msgs/s", 9), ("req/s", 8), ("p50 ms", 7), ("p95 ms", 7),
+    ("scenario", 16), ("mode", 4), ("w×t", 5), ("msgs/s", 9), ("req/s", 8), ("p50 ms", 7), ("p95 ms", 7),
     ("p99 ms", 7), ("err", 4), ("cpu gen", 7), ("cpu app", 7), ("cpu pg", 7), ("other", 6), ("checks", 6),
 )  # fmt: skip
 

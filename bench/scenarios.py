@@ -23,6 +23,27 @@ HISTORY_SPAN_SECONDS = 1800  # acked history spread over the last half hour (wit
 LONG_POLL_RESERVED_THREADS = 2  # the app's default: threads per worker that never wait
 ROUND_FLOOR = 0.7  # rounds: no round's consume+ack throughput below this share of the first's
 ROUND_BOUND = 600.0  # rounds: seconds a round's consume may take (100k at a collapsed 1,200/s: 83 s)
+COLD_BOUND = 600.0  # consume_ack_cold: seconds its drain may take
+# consume_ack_cold: what may run between the fill and the consume, for A/B runs (--cold-settle).
+COLD_SETTLE = {
+    "none": (),
+    "analyze": ("ANALYZE subscription_messages",),
+    "vacuum": ("VACUUM subscription_messages",),
+    "vacuum-analyze": ("VACUUM ANALYZE subscription_messages",),
+}
+# What PostgreSQL says about subscription_messages around a window: did autovacuum or auto-analyze
+# run on it (finished in the window, or still at work at its end), and what was left to do; and
+# how many sessions the database has seen: new ones in the window are the app's pool overflow
+# (a backend forked, and every statement planned afresh, per connection).
+TABLE_ACTIVITY = """
+SELECT autovacuum_count, autoanalyze_count, n_live_tup, n_dead_tup, n_mod_since_analyze,
+       n_ins_since_vacuum, last_autovacuum, last_autoanalyze, now() AS at,
+       (SELECT sessions FROM pg_stat_database WHERE datname = current_database()) AS sessions,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE backend_type = 'autovacuum worker'
+          AND position('subscription_messages' in query) > 0) AS workers
+FROM pg_stat_user_tables WHERE relname = 'subscription_messages'
+"""
 # What issue 14 ran between rounds, less its `DELETE FROM topics`: the round's topic is already
 # deleted through the API, and with --database-url that statement would delete everyone's topics.
 RESET = (
@@ -127,12 +148,15 @@ class Run:
             self.wait_quiet()
         return run_load(self.target(), specs, self.args.procs, duration, drain, self.cpu_meters())
 
-    def prefill(self, topic: str, count: int, batch: int = PREFILL_BATCH) -> dict[int, int]:
-        """Publish `count` messages in batches of `batch` (over HTTP, or the raw statement in raw
-        mode); returns messages published by client index, to check consumed keys against."""
+    def prefill(
+        self, topic: str, count: int, batch: int = PREFILL_BATCH, clients: int | None = None
+    ) -> dict[int, int]:
+        """Publish `count` messages in batches of `batch` by `clients` publishers (over HTTP, or
+        the raw statement in raw mode); returns messages published by client index, to check
+        consumed keys against."""
         if count <= 0:
             return {}
-        clients = max(1, self.args.procs * PREFILL_CLIENTS_PER_PROC)
+        clients = clients or max(1, self.args.procs * PREFILL_CLIENTS_PER_PROC)
         shares = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
         specs = [self.publisher(topic, batch, messages=share) for share in shares if share]
         started = time.monotonic()
@@ -215,7 +239,9 @@ def consume_scenario(run: Run, available: int, acked_history: int):
     specs = [
         run.consumer(subscription, run.args.batch, until_empty=True) for _ in range(run.args.concurrency)
     ]
+    before = table_activity(run)
     outcome = run.load(specs)
+    after = table_activity(run)
     t = outcome.tally
     m = run.metrics(subscription)
     consumed = len(t.keys)
@@ -228,7 +254,7 @@ def consume_scenario(run: Run, available: int, acked_history: int):
         equal("acked == history + consumed", m["acked"], acked_history + consumed),
     ]
     run.drop(topic)
-    extra = {}
+    extra = {**cpu_per_message(outcome, t.consumed), **autovacuum_in_window(before, after)}
     if consumed == available:
         extra["note"] = f"queue drained after {outcome.elapsed:.1f}s"
     return outcome, t.consumed, checks, extra
@@ -237,6 +263,90 @@ def consume_scenario(run: Run, available: int, acked_history: int):
 def consume_ack(run: Run):
     """A pre-filled subscription; C consumers claim B, ack them, repeat."""
     return consume_scenario(run, run.args.prefill, 0)
+
+
+def consume_ack_cold(run: Run):
+    """consume_ack as a deployment drives it (issue 14): the queue filled through the API by
+    --cold-publishers publishers in batches of --cold-fill-batch, then drained at once, with no
+    VACUUM, no ANALYZE and no pause in between (unless --cold-settle asks for one)."""
+    count = run.args.cold_messages
+    # Before the fill: the window then holds no earlier scenario's dead rows (the yardstick runs on
+    # a fresh database), and its statistics describe none of this subscription's rows.
+    run.settle()
+    run.wait_quiet()
+    topic = run.new_topic()
+    subscription = run.new_subscription(topic)
+    started = time.monotonic()
+    published = run.prefill(topic, count, run.args.cold_fill_batch, run.args.cold_publishers)
+    fill_seconds = time.monotonic() - started
+    run_statements(run, COLD_SETTLE[run.args.cold_settle])
+    before = table_activity(run)
+    specs = [
+        run.consumer(subscription, run.args.batch, until_empty=True) for _ in range(run.args.concurrency)
+    ]
+    outcome = run.load(specs, duration=COLD_BOUND, quiet=False)
+    after = table_activity(run)
+    t = outcome.tally
+    m = run.metrics(subscription)
+    checks = [
+        no_errors(t),
+        equal("consumed == published (drained)", len(t.keys), count),
+        *keys_check(t, published),
+        equal("available == 0", m["available"], 0),
+        equal("delivered == 0", m["delivered"], 0),
+        equal("acked == published", m["acked"], count),
+    ]
+    run.drop(topic)
+    extra = {
+        **cpu_per_message(outcome, t.consumed),
+        "fill_msgs_per_s": count / fill_seconds,
+        "settle": run.args.cold_settle,
+        **autovacuum_in_window(before, after),
+    }
+    return outcome, t.consumed, checks, extra
+
+
+def run_statements(run: Run, statements) -> None:
+    engine = run.engine() if statements else None
+    if engine is None:
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def table_activity(run: Run) -> dict | None:
+    """subscription_messages in pg_stat_user_tables (TABLE_ACTIVITY); None without the database."""
+    engine = run.engine()
+    if engine is None:
+        return None
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql(TABLE_ACTIVITY).mappings().one()
+    engine.dispose()
+    return dict(row)
+
+
+def autovacuum_in_window(before: dict | None, after: dict | None) -> dict:
+    """What autovacuum did to subscription_messages between two table_activity() readings."""
+    if before is None or after is None:
+        return {}
+    return {
+        "autovacuums": after["autovacuum_count"] - before["autovacuum_count"],
+        "autoanalyzes": after["autoanalyze_count"] - before["autoanalyze_count"],
+        "autovacuum_workers_at_start": before["workers"],
+        "autovacuum_workers_at_end": after["workers"],
+        "dead_rows_at_end": after["n_dead_tup"],
+        # Less the one that took the second reading.
+        "new_sessions": after["sessions"] - before["sessions"] - 1,
+    }
+
+
+def cpu_per_message(outcome: Outcome, messages: int) -> dict:
+    """The app's and PostgreSQL's CPU per message in µs (when measured)."""
+    app, pg = (per_message_us(outcome.cpu.get(name), messages) for name in ("app", "postgres"))
+    pairs = (("app_us_per_msg", app), ("pg_us_per_msg", pg))
+    return {key: value for key, value in pairs if value is not None}
 
 
 def backlog(run: Run):
@@ -478,6 +588,7 @@ SCENARIOS = {
     "publish_batch": publish_batch,
     "publish_single": publish_single,
     "consume_ack": consume_ack,
+    "consume_ack_cold": consume_ack_cold,
     "fanout": fanout,
     "mixed": mixed,
     "mixed_poll": mixed_poll,
