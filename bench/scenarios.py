@@ -254,7 +254,10 @@ def consume_scenario(run: Run, available: int, acked_history: int):
         equal("acked == history + consumed", m["acked"], acked_history + consumed),
     ]
     run.drop(topic)
-    extra = {**cpu_per_message(outcome, t.consumed), **autovacuum_in_window(before, after)}
+    extra = {
+        **cpu_per_message(outcome, t.consumed),
+        **autovacuum_in_window(before, after, raw_clients(run, specs)),
+    }
     if consumed == available:
         extra["note"] = f"queue drained after {outcome.elapsed:.1f}s"
     return outcome, t.consumed, checks, extra
@@ -301,7 +304,7 @@ def consume_ack_cold(run: Run):
         **cpu_per_message(outcome, t.consumed),
         "fill_msgs_per_s": count / fill_seconds,
         "settle": run.args.cold_settle,
-        **autovacuum_in_window(before, after),
+        **autovacuum_in_window(before, after, raw_clients(run, specs)),
     }
     return outcome, t.consumed, checks, extra
 
@@ -327,8 +330,9 @@ def table_activity(run: Run) -> dict | None:
     return dict(row)
 
 
-def autovacuum_in_window(before: dict | None, after: dict | None) -> dict:
-    """What autovacuum did to subscription_messages between two table_activity() readings."""
+def autovacuum_in_window(before: dict | None, after: dict | None, own_sessions: int = 0) -> dict:
+    """What autovacuum did to subscription_messages between two table_activity() readings, and
+    the database's new sessions other than the load generator's own (raw mode's clients)."""
     if before is None or after is None:
         return {}
     return {
@@ -338,8 +342,13 @@ def autovacuum_in_window(before: dict | None, after: dict | None) -> dict:
         "autovacuum_workers_at_end": after["workers"],
         "dead_rows_at_end": after["n_dead_tup"],
         # Less the one that took the second reading.
-        "new_sessions": after["sessions"] - before["sessions"] - 1,
+        "new_sessions": after["sessions"] - before["sessions"] - 1 - own_sessions,
     }
+
+
+def raw_clients(run: Run, specs: list[dict]) -> int:
+    """Database sessions the load generator itself opens for a window (one per raw client)."""
+    return len(specs) if run.mode == "raw" else 0
 
 
 def cpu_per_message(outcome: Outcome, messages: int) -> dict:
