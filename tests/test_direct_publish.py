@@ -55,21 +55,30 @@ class Routed:
         return response.status, headers, UUID.sub(b"<uuid>", response.get_data())
 
 
+def routed_pair(make_app, **settings) -> tuple[Routed, Routed]:
+    """Two apps with these settings: the app as built, and one whose DirectPublish is bypassed."""
+    settings = {"API_MAX_BODY_BYTES": LIMIT, **settings}
+    return Routed(make_app(**settings), True), Routed(make_app(**settings), False)
+
+
+def counting_anew(routed: Routed) -> Routed:
+    routed.reached_flask = 0
+    return routed
+
+
 @pytest.fixture(scope="module")
 def apps(make_app) -> tuple[Routed, Routed]:
-    return Routed(make_app(API_MAX_BODY_BYTES=LIMIT), True), Routed(make_app(API_MAX_BODY_BYTES=LIMIT), False)
+    return routed_pair(make_app)
 
 
 @pytest.fixture
 def direct(apps) -> Routed:
-    apps[0].reached_flask = 0
-    return apps[0]
+    return counting_anew(apps[0])
 
 
 @pytest.fixture
 def flask_only(apps) -> Routed:
-    apps[1].reached_flask = 0
-    return apps[1]
+    return counting_anew(apps[1])
 
 
 @pytest.fixture
@@ -152,20 +161,17 @@ AUTH = {
 
 @pytest.fixture(scope="module")
 def auth_apps(make_app) -> tuple[Routed, Routed]:
-    settings = {**AUTH, "API_MAX_BODY_BYTES": LIMIT}
-    return Routed(make_app(**settings), True), Routed(make_app(**settings), False)
+    return routed_pair(make_app, **AUTH)
 
 
 @pytest.fixture
 def auth_direct(auth_apps, orders) -> Routed:
-    auth_apps[0].reached_flask = 0
-    return auth_apps[0]
+    return counting_anew(auth_apps[0])
 
 
 @pytest.fixture
 def auth_flask_only(auth_apps) -> Routed:
-    auth_apps[1].reached_flask = 0
-    return auth_apps[1]
+    return counting_anew(auth_apps[1])
 
 
 def issue(app, scopes: str) -> tuple[str, str]:

@@ -125,6 +125,17 @@ def served_by_worker(metrics_dir: Path, route: str) -> dict[str, float]:
     return served
 
 
+def send_until_both_workers_answer(metrics_dir: Path, route: str, send, at_least: int) -> int:
+    """Call send() (one request to the route) at least `at_least` times, more until both workers
+    have answered some (each counts in its own file); how many were sent."""
+    sent = 0
+    while sent < at_least or (len(served_by_worker(metrics_dir, route)) < 2 and sent < 400):
+        send()
+        sent += 1
+    assert len(served_by_worker(metrics_dir, route)) == 2, f"one worker answered all {sent} requests"
+    return sent
+
+
 def request(
     port: int, method: str, path: str, body=None, timeout: float = 10, headers: dict | None = None
 ) -> tuple[int, object]:
@@ -226,14 +237,11 @@ def test_metrics_count_every_request_once_over_all_workers(database_url, tmp_pat
         master, workers = gunicorn_processes(process, 2)
         metrics_dir = Path(master.environ()["PROMETHEUS_MULTIPROC_DIR"])
 
-        # 40 requests at least, more until both workers have answered some (each has its own file).
-        sent = 0
-        while sent < 40 or (len(served_by_worker(metrics_dir, "/topics")) < 2 and sent < 400):
+        def list_topics() -> None:
             assert request(port, "GET", "/topics")[0] == 200
-            sent += 1
-        per_worker = served_by_worker(metrics_dir, "/topics")
-        assert len(per_worker) == 2, f"one worker answered all {sent} requests"
-        assert sum(per_worker.values()) == sent
+
+        sent = send_until_both_workers_answer(metrics_dir, "/topics", list_topics, 40)
+        assert sum(served_by_worker(metrics_dir, "/topics").values()) == sent
 
         assert request(port, "GET", "/topics/nowhere")[0] == 404
         # Whichever worker answers a scrape, it reports the sum over all of them.
@@ -272,12 +280,11 @@ def test_a_metrics_token_closes_metrics_in_every_worker(database_url, tmp_path):
         metrics_dir = Path(master.environ()["PROMETHEUS_MULTIPROC_DIR"])
 
         # Refused by each worker (each counts in its own file), as many times as it takes.
-        refused = 0
-        while refused < 10 or (len(served_by_worker(metrics_dir, "/metrics")) < 2 and refused < 400):
+        def scrape_wrongly() -> None:
             status, body = request(port, "GET", "/metrics", headers={"Authorization": "Bearer wrong"})
             assert (status, body) == (401, {"detail": "missing or invalid bearer token"})
-            refused += 1
-        assert len(served_by_worker(metrics_dir, "/metrics")) == 2, f"one worker refused all {refused}"
+
+        refused = send_until_both_workers_answer(metrics_dir, "/metrics", scrape_wrongly, 10)
         assert request(port, "GET", "/metrics")[0] == 401
 
         status, text = request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
