@@ -5,11 +5,12 @@ main thread registers the socket with its poller, waits for the next request, un
 and submits it to the thread pool again. With one message per request, that round trip through
 the main thread cost about a quarter of the worker's CPU (bench/README.md, "Where the time
 goes"). This worker lets the thread that answered wait a little for the connection's next
-request and serve it itself, but only while this worker has no more connections than threads:
-then every connection can have a thread of its own, and a waiting thread keeps no other
+request and serve it itself, but only while this worker has no more connections than pool
+threads: then every connection can have a thread of its own, and a waiting thread keeps no other
 connection waiting. Otherwise (more connections than threads, a stopping worker, a connection
 quiet for LINGER_SECONDS) the thread hands the connection back to the main thread, as gthread
-does.
+does. A long-poll consumer asks again as soon as it has its answer, so its connection stays with
+one thread from poll to poll.
 
 Its thread pool holds API_NUM_THREADS (gunicorn's --threads) threads for requests plus
 LONG_POLL_MAX_WAITERS for long-poll consumers, and every request takes a work slot while the app
@@ -37,7 +38,7 @@ from pubsub import config, slots
 # How long a thread waits for a kept-alive connection's next request, in slices after each of
 # which it checks whether the pool needs it.
 LINGER_SECONDS = 1.0
-LINGER_SLICE_MS = 20
+LINGER_SLICE_MS = 100
 
 
 # The status that gunicorn's own handle_error (gunicorn/workers/base.py) gives each error, first
@@ -76,8 +77,9 @@ def long_poll_max_waiters() -> int:
 class ThreadWorker(gthread.ThreadWorker):
     def get_thread_pool(self):
         slots.configure_slots(self.cfg.threads)
+        self.pool_size = self.cfg.threads + long_poll_max_waiters()
         # Threads are started as requests need them: an idle worker holds no more than gthread's.
-        return ThreadPoolExecutor(max_workers=self.cfg.threads + long_poll_max_waiters())
+        return ThreadPoolExecutor(max_workers=self.pool_size)
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)
@@ -123,7 +125,7 @@ class ThreadWorker(gthread.ThreadWorker):
     def may_linger(self) -> bool:
         # With no more connections than threads, a connection queued for the pool always finds
         # a thread that is not waiting on another one.
-        return self.alive and self.nr_conns <= self.cfg.threads
+        return self.alive and self.nr_conns <= self.pool_size
 
     def next_request_arrives(self, conn) -> bool:
         """Whether the connection's next request is here, within LINGER_SECONDS, while this

@@ -34,7 +34,7 @@ def parse_client_id(value: str) -> uuid.UUID:
 @blp.route("")
 class Clients(MethodView):
     @require_scope("clients", "create")
-    @blp.arguments(ClientCreateSchema)
+    @blp.arguments(ClientCreateSchema())
     @blp.response(201, ClientSecretSchema)
     def post(self, data):
         """Create a client; its secret is in this response only."""
@@ -43,7 +43,7 @@ class Clients(MethodView):
         return {"id": client_id, "secret": secret}
 
     @require_scope("clients", "read")
-    @blp.arguments(PaginationSchema, location="query")
+    @blp.arguments(PaginationSchema(), location="query")
     @blp.response(200, ClientListSchema)
     def get(self, page):
         """List clients, oldest first."""
@@ -64,7 +64,7 @@ class Client(MethodView):
             return clients.get_client(conn, parse_client_id(id))
 
     @require_scope("clients", "update")
-    @blp.arguments(ClientUpdateSchema)
+    @blp.arguments(ClientUpdateSchema())
     @blp.response(200, ClientSchema)
     @blp.alt_response(404, **NOT_FOUND)
     @blp.alt_response(422, **BAD_ID)

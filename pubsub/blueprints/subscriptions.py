@@ -141,7 +141,7 @@ def consume_waiting(subscription_id: str, query: dict) -> list | None:
 @blp.route("")
 class Subscriptions(MethodView):
     @require_scope("subscriptions", "create")
-    @blp.arguments(SubscriptionCreateSchema)
+    @blp.arguments(SubscriptionCreateSchema())
     @blp.response(201, SubscriptionSchema)
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
     @blp.alt_response(409, schema=ErrorSchema, description="Subscription already exists")
@@ -160,7 +160,7 @@ class Subscriptions(MethodView):
             )
 
     @require_scope("subscriptions", "read")
-    @blp.arguments(PaginationSchema, location="query")
+    @blp.arguments(PaginationSchema(), location="query")
     @blp.response(200, SubscriptionListSchema)
     def get(self, page):
         """List subscriptions, ordered by id."""
@@ -190,7 +190,7 @@ class Subscription(MethodView):
 @blp.route("/<id>/messages")
 class SubscriptionMessages(MethodView):
     @require_scope("subscriptions", "consume")
-    @blp.arguments(ConsumeQuerySchema, location="query")
+    @blp.arguments(ConsumeQuerySchema(), location="query")
     @blp.response(200, MessageListSchema, headers=DECLINED_DOC)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
@@ -229,7 +229,7 @@ class Acks(MethodView):
 @blp.route("/<id>/nacks")
 class Nacks(MethodView):
     @require_scope("subscriptions", "consume")
-    @blp.arguments(NackQuerySchema, location="query")
+    @blp.arguments(NackQuerySchema(), location="query")
     @document_refs_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
@@ -245,7 +245,7 @@ class Nacks(MethodView):
 @blp.route("/<id>/extend")
 class Extend(MethodView):
     @require_scope("subscriptions", "consume")
-    @blp.arguments(ExtendQuerySchema, location="query")
+    @blp.arguments(ExtendQuerySchema(), location="query")
     @document_refs_body
     @blp.response(204)
     @blp.alt_response(404, **NOT_FOUND)
@@ -262,7 +262,7 @@ class Extend(MethodView):
 class DeadLetters(MethodView):
     # Dead letters carry payloads: reading them is consuming's right, not monitoring's.
     @require_scope("subscriptions", "consume")
-    @blp.arguments(PaginationSchema, location="query")
+    @blp.arguments(PaginationSchema(), location="query")
     @blp.response(200, MessageListSchema)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, page, id):

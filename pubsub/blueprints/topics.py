@@ -46,7 +46,7 @@ blp = Blueprint("topics", __name__, url_prefix="/topics", description="Topics an
 @blp.route("")
 class Topics(MethodView):
     @require_scope("topics", "create")
-    @blp.arguments(TopicCreateSchema)
+    @blp.arguments(TopicCreateSchema())
     @blp.response(201, TopicSchema)
     @blp.alt_response(409, schema=ErrorSchema, description="Topic already exists")
     def post(self, data):
@@ -55,7 +55,7 @@ class Topics(MethodView):
             return topics.create_topic(conn, data["id"])
 
     @require_scope("topics", "read")
-    @blp.arguments(PaginationSchema, location="query")
+    @blp.arguments(PaginationSchema(), location="query")
     @blp.response(200, TopicListSchema)
     def get(self, page):
         """List topics, ordered by id."""
