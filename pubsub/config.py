@@ -53,10 +53,11 @@ CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60
 # claimable without a publish to wake them (a backoff or ack deadline running out, a
 # reprocess, a lost notification), in seconds.
 LONG_POLL_RECHECK_SECONDS = 1
-# Threads of each gunicorn worker kept free of waiting consumers: a worker lets at most
-# API_NUM_THREADS minus this many consumers wait at once (at least one); more are answered at
-# once, as without wait_seconds.
-LONG_POLL_RESERVED_THREADS = 2
+# Long-poll consumes that may wait at once in each gunicorn worker; more are answered at once,
+# as without wait_seconds, with a `Pubsub-Long-Poll: declined` header. A waiting consume holds an
+# idle thread of the worker (~100 KiB, README "Long poll"), no database connection and none of
+# the API_NUM_THREADS threads that serve requests.
+LONG_POLL_MAX_WAITERS = 2000
 
 # /metrics: how long each process reuses its count of every subscription's backlog (one query
 # over the messages table); 0 counts on every scrape.

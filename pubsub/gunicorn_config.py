@@ -2,12 +2,14 @@
 
 import os
 import signal
+import tempfile
 
 from gunicorn.glogging import Logger
 from prometheus_client import multiprocess
 
 # gunicorn reads every name here that matches one of its settings, and `config` does: hence the alias.
 from pubsub import config as _defaults
+from pubsub.listener import SHARED_WAKES_ENV, SharedWakes
 
 # gthread, serving a kept-alive connection's next request in the thread that answered the last one
 # (pubsub/worker.py).
@@ -47,6 +49,24 @@ logconfig_dict = {
         }
     },
 }
+
+
+def on_starting(server):
+    # The workers' shared table of long-poll notifications (pubsub.listener.SharedWakes): made
+    # here, before they fork, so that they all open the same file.
+    fd, path = tempfile.mkstemp(prefix="pubsub-wakes-")
+    os.close(fd)
+    SharedWakes.create(path)
+    os.environ[SHARED_WAKES_ENV] = path
+
+
+def on_exit(server):
+    path = os.environ.pop(SHARED_WAKES_ENV, None)
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def post_worker_init(worker):

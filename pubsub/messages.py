@@ -18,7 +18,7 @@ from pubsub.clients import TokenRef, token_current_sql
 from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOKEN_REVOKED, TOPIC_NOT_FOUND, NotFound, Unauthorized
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
-# Long-poll wake-ups: publishes NOTIFY this channel with the subscription id (pubsub.listener).
+# Long-poll wake-ups: publishes NOTIFY this channel (pubsub.listener).
 NOTIFY_CHANNEL = "pubsub"
 
 # Plans that hold whatever the statistics say. PostgreSQL's statistics of subscription_messages
@@ -72,7 +72,9 @@ def token_params(token: TokenRef | None) -> dict:
 # subscription (listener.mark_waiting) wait for this statement, or this statement see its mark.
 # Filter: every key's allowed values must contain the payload's field; a missing field gives
 # [null], which no filter contains (null is not an accepted filter value).
-# NOTIFY: once per subscription that got a copy and has long-poll consumers waiting.
+# NOTIFY: once per subscription that got copies and has long-poll consumers waiting, with how
+# many it got and the transaction id ("<subscription> <count> <xid>"), which tells the worker
+# processes of a server apart one notification from another (pubsub.listener).
 # The topic ids travel as one JSON array: as a text[] matched with `= ANY`, the generic plan's
 # estimates differed from the custom plans', so PostgreSQL planned the statement anew at every run,
 # which cost more than running it.
@@ -111,8 +113,10 @@ WITH revoked AS MATERIALIZED (
     ORDER BY published.k, published.n, subs.id
     RETURNING subscription_id, id
 ), notified AS (
-    SELECT pg_notify('{NOTIFY_CHANNEL}', subs.id) FROM subs
-    WHERE subs.notify AND EXISTS (SELECT 1 FROM inserted WHERE inserted.subscription_id = subs.id)
+    SELECT pg_notify('{NOTIFY_CHANNEL}', concat_ws(' ', subs.id, count(*), pg_current_xact_id()))
+    FROM subs JOIN inserted ON inserted.subscription_id = subs.id
+    WHERE subs.notify
+    GROUP BY subs.id
 )
 """
 

@@ -47,6 +47,15 @@ HTTP_DURATION = Histogram(
 HTTP_IN_PROGRESS = Gauge(
     "http_requests_in_progress", "HTTP requests being served", ["method"], multiprocess_mode="livesum"
 )
+# Long poll (pubsub.listener): claims per published message tell whether a publish wakes one
+# waiter or all of them.
+CLAIMS = Counter("pubsub_claims_total", "Claim statements run by consumes, first claims and woken ones")
+LONG_POLL_WAITING = Gauge(
+    "pubsub_long_poll_waiting", "Long-poll consumes waiting for messages", multiprocess_mode="livesum"
+)
+LONG_POLL_DECLINED = Counter(
+    "pubsub_long_poll_declined_total", "Long polls answered at once: LONG_POLL_MAX_WAITERS were waiting"
+)
 
 
 class RequestIdFilter(logging.Filter):

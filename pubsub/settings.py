@@ -76,7 +76,7 @@ def check_config(config: dict[str, Any]) -> None:
         "CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS": 0,
         "CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS": 1,
         "LONG_POLL_RECHECK_SECONDS": 1,
-        "LONG_POLL_RESERVED_THREADS": 0,
+        "LONG_POLL_MAX_WAITERS": 1,
         "METRICS_BACKLOG_CACHE_SECONDS": 0,
     }
     for name, low in at_least.items():

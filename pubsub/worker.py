@@ -11,6 +11,11 @@ connection waiting. Otherwise (more connections than threads, a stopping worker,
 quiet for LINGER_SECONDS) the thread hands the connection back to the main thread, as gthread
 does.
 
+Its thread pool holds API_NUM_THREADS (gunicorn's --threads) threads for requests plus
+LONG_POLL_MAX_WAITERS for long-poll consumers, and every request takes a work slot while the app
+serves it (pubsub.slots): a long-poll consumer gives its slot back while it waits, so waiting
+consumers never keep requests waiting, and the requests served at once stay API_NUM_THREADS.
+
 It also answers the requests that gunicorn refuses before the app sees them (a malformed request
 line, a line or headers over gunicorn's limits, an invalid header) as the app answers everything,
 with {"detail": ...} JSON, where gunicorn writes an HTML page.
@@ -19,12 +24,15 @@ with {"detail": ...} JSON, where gunicorn writes an HTML page.
 import os
 import select
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import orjson
 from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers import gthread
+
+from pubsub import config, slots
 
 # How long a thread waits for a kept-alive connection's next request, in slices after each of
 # which it checks whether the pool needs it.
@@ -60,7 +68,21 @@ def error_response(status: int, detail: str, request_id: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+def long_poll_max_waiters() -> int:
+    """LONG_POLL_MAX_WAITERS, which `flask pubsub serve` passes on in the environment."""
+    return int(os.environ.get("PUBSUB_LONG_POLL_MAX_WAITERS", config.LONG_POLL_MAX_WAITERS))
+
+
 class ThreadWorker(gthread.ThreadWorker):
+    def get_thread_pool(self):
+        slots.configure_slots(self.cfg.threads)
+        # Threads are started as requests need them: an idle worker holds no more than gthread's.
+        return ThreadPoolExecutor(max_workers=self.cfg.threads + long_poll_max_waiters())
+
+    def handle_request(self, req, conn):
+        with slots.slot_held():
+            return super().handle_request(req, conn)
+
     def handle_error(self, req, client, addr, exc):
         """gunicorn's answer to a request it could not parse, or that failed before the app
         responded: the status gunicorn gives it, as JSON. Called in handle()'s except block."""

@@ -11,6 +11,7 @@ Waiters run in threads, each with its own Flask test client, or against the real
 also when a test fails.
 """
 
+import http.client
 import threading
 import time
 from collections import Counter
@@ -19,9 +20,11 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-from pubsub import create_app, db
+from pubsub import create_app, db, listener, observability
+from pubsub.listener import SharedWakes
 from tests.test_serve import free_port, output_of, request, serve_env, serving, wait_until_live
 
 LISTENER = "pubsub-listener"  # application_name of the LISTEN connection
@@ -269,7 +272,7 @@ def test_a_publish_to_another_subscription_does_not_end_the_wait(app, client, st
 
 
 def test_many_waiters_hold_no_database_connection_and_each_gets_one_message(new_app, start_waiter):
-    app = new_app(DATABASE_POOL_SIZE=2, DATABASE_MAX_OVERFLOW=0, API_NUM_THREADS=16)  # capacity 14
+    app = new_app(DATABASE_POOL_SIZE=2, DATABASE_MAX_OVERFLOW=0)
     client = app.test_client()
     setup(client)
     engine = db.get_engine(app)
@@ -291,22 +294,36 @@ def test_many_waiters_hold_no_database_connection_and_each_gets_one_message(new_
     assert engine.pool.checkedout() == 0
 
 
-def test_waiters_beyond_the_workers_capacity_are_answered_at_once(new_app, start_waiter):
-    # API_NUM_THREADS - LONG_POLL_RESERVED_THREADS = 1 waiting consumer at a time.
-    app = new_app(API_NUM_THREADS=3, LONG_POLL_RESERVED_THREADS=2)
+def test_waiters_beyond_the_processes_capacity_are_declined_at_once_and_say_so(new_app, start_waiter):
+    app = new_app(LONG_POLL_MAX_WAITERS=1)
     client = app.test_client()
     setup(client)
     waiter = start_waiter(app, wait=10)
     time.sleep(0.5)
-    messages, elapsed = consume(client, consumer="second", wait_seconds=10)
-    assert messages == [] and elapsed < 1
+    started = time.monotonic()
+    response = client.get(
+        "/subscriptions/sub/messages", query_string={"consumer_id": "second", "wait_seconds": 10}
+    )
+    assert response.status_code == 200 and response.get_json() == {"data": []}
+    assert time.monotonic() - started < 1
+    assert response.headers["Pubsub-Long-Poll"] == "declined"
     assert waiter.is_alive()
     published = publish(client, [{"n": 1}])
     assert [m["payload"] for m in waiter.result()] == [{"n": 1}]
     assert waiter.finished - published < SLACK
-    # The slot is free again: the next long poll waits.
-    messages, elapsed = consume(client, consumer="third", wait_seconds=1)
-    assert messages == [] and elapsed >= 0.9
+    # The place is free again: the next long poll waits, and says nothing of declining.
+    response = client.get(
+        "/subscriptions/sub/messages", query_string={"consumer_id": "third", "wait_seconds": 1}
+    )
+    assert response.get_json() == {"data": []} and "Pubsub-Long-Poll" not in response.headers
+    # A declined long poll still gets what is there, as without wait_seconds.
+    setup(client, {"sub2": {}}, topic="other")
+    waiter = start_waiter(app, "sub2", consumer="fourth", wait=3)
+    time.sleep(0.3)
+    publish(client, [{"n": 2}])
+    messages, elapsed = consume(client, consumer="fifth", wait_seconds=10)
+    assert [m["payload"] for m in messages] == [{"n": 2}] and elapsed < 1
+    assert waiter.result() == []
 
 
 def test_backoff_expiry_wakes_a_waiter_within_two_seconds(app, client, start_waiter):
@@ -360,12 +377,160 @@ def test_lease_expiry_wakes_a_waiter(app, client, start_waiter):
     assert 0.8 <= waiter.finished - extended < 2 + SLACK
 
 
+# --- Who wakes ------------------------------------------------------------------------------------
+
+
+def claims() -> float:
+    """Claim statements run in this process so far (pubsub_claims_total)."""
+    return next(
+        s.value for m in observability.CLAIMS.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+def waiting(app: Flask) -> int:
+    return listener.get_listener(app).waiting
+
+
+def test_a_publish_of_k_messages_wakes_k_of_many_waiters_and_the_others_go_on_waiting(
+    new_app, pg, start_waiter
+):
+    known = listener_pids(pg)
+    app = new_app(LONG_POLL_RECHECK_SECONDS=30)  # no re-check in the window: only notifications wake
+    client = app.test_client()
+    setup(client)
+    waiters = [start_waiter(app, consumer=f"w{i}", wait=4, batch_size=1) for i in range(20)]
+    wait_for(lambda: waiting(app) == 20, 5, "20 waiting consumers")
+    new_listener(pg, known)  # connected: it has woken everyone once, to look for themselves
+    time.sleep(0.3)
+    before = claims()
+    for k, served in ((1, 1), (3, 4)):
+        publish(client, [{"k": k, "n": n} for n in range(k)])
+        wait_for(lambda n=served: sum(not w.is_alive() for w in waiters) == n, 2, f"{served} served")
+    time.sleep(0.3)
+    assert claims() - before == 4, f"{claims() - before} claims for 4 messages"
+    assert waiting(app) == 16
+    still = [w for w in waiters if w.is_alive()]
+    got = [w.result() for w in waiters if w not in still]
+    assert sorted((m["payload"]["k"], m["payload"]["n"]) for ms in got for m in ms) == [
+        (1, 0),
+        (3, 0),
+        (3, 1),
+        (3, 2),
+    ]
+    assert all(w.result() == [] for w in still)
+
+
+def test_a_long_poll_joining_waiters_of_a_drained_subscription_waits_without_claiming(
+    new_app, pg, start_waiter
+):
+    known = listener_pids(pg)
+    app = new_app(LONG_POLL_RECHECK_SECONDS=30)
+    client = app.test_client()
+    setup(client)
+    first = start_waiter(app, consumer="first", wait=4)  # claims, finds nothing: drained
+    wait_for(lambda: waiting(app) == 1, 5, "the first waiter")
+    new_listener(pg, known)
+    time.sleep(0.3)
+    before = claims()
+    second = start_waiter(app, consumer="second", wait=4)
+    wait_for(lambda: waiting(app) == 2, 5, "the second waiter")
+    assert claims() == before
+    publish(client, [{"n": 1}, {"n": 2}])  # one notification, two messages: the first waiter's batch
+    assert len(first.result()) == 2
+    time.sleep(0.3)
+    assert second.is_alive() and claims() - before == 1
+    publish(client, [{"n": 3}])
+    assert [m["payload"] for m in second.result()] == [{"n": 3}]
+
+
+def test_every_long_poll_claims_at_once_while_a_backlog_drains(new_app, start_waiter):
+    app = new_app(LONG_POLL_RECHECK_SECONDS=30)
+    client = app.test_client()
+    setup(client)
+    waiter = start_waiter(app, subscription="sub", consumer="idle", wait=4)
+    wait_for(lambda: waiting(app) == 1, 5, "an idle waiter")
+    publish(client, [{"n": n} for n in range(45)])
+    # The idle waiter takes 10; its full batch wakes no one else, so each new long poll claims.
+    assert len(waiter.result()) == 10
+    for expected in (10, 10, 10, 5):
+        messages, elapsed = consume(client, consumer="next", wait_seconds=4)
+        assert len(messages) == expected and elapsed < 1
+
+
+def test_a_full_batch_wakes_another_waiter_for_what_it_left(new_app, start_waiter):
+    app = new_app(LONG_POLL_RECHECK_SECONDS=30)
+    client = app.test_client()
+    setup(client)
+    waiters = [start_waiter(app, consumer=f"w{i}", wait=4, batch_size=2) for i in range(3)]
+    wait_for(lambda: waiting(app) == 3, 5, "3 waiting consumers")
+    time.sleep(0.2)
+    # Published in two statements, as two publishers would: the first wakes one waiter for one
+    # message; if that one claims both, the full batch wakes the next for what may be left.
+    publish(client, [{"n": 1}])
+    publish(client, [{"n": 2}, {"n": 3}])
+    wait_for(
+        lambda: sum(len(w.body["data"]) for w in waiters if not w.is_alive() and w.body) == 3,
+        3,
+        "all 3 claimed",
+    )
+
+
+def test_a_subscription_deleted_under_its_waiters_answers_them_404(new_app, start_waiter):
+    app = new_app(LONG_POLL_RECHECK_SECONDS=1)
+    client = app.test_client()
+    setup(client)
+    waiter = start_waiter(app, consumer="first", wait=10)
+    wait_for(lambda: waiting(app) == 1, 5, "a waiter")
+    time.sleep(0.2)
+    assert client.delete("/subscriptions/sub").status_code == 204
+    started = time.monotonic()
+    response = client.get(
+        "/subscriptions/sub/messages", query_string={"consumer_id": "late", "wait_seconds": 10}
+    )
+    assert response.status_code == 404, response.get_json()
+    assert time.monotonic() - started < 1 + SLACK
+    waiter.join(JOIN_TIMEOUT)
+    assert waiter.status == 404
+
+
+def test_a_long_poll_that_joins_waiters_still_checks_its_token_at_once(make_app, start_waiter):
+    from tests.auth_support import SECRET_KEY, bearer, new_client, token_request
+
+    app = make_app(AUTH_ENABLED=True, AUTH_SECRET_KEY=SECRET_KEY, LONG_POLL_RECHECK_SECONDS=30)
+    client = app.test_client()
+    admin = bearer(token_request(client, *new_client(app, "*")).json["access_token"])
+    assert client.post("/topics", json={"id": "orders"}, headers=admin).status_code == 201
+    assert (
+        client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"}, headers=admin).status_code
+        == 201
+    )
+    consumer_id, secret = new_client(app, "subscriptions:consume:sub", name="c")
+    token = bearer(token_request(client, consumer_id, secret).json["access_token"])
+    query = {"consumer_id": "c", "wait_seconds": 3}
+    first = threading.Thread(
+        target=lambda: client.get("/subscriptions/sub/messages", query_string=query, headers=admin)
+    )
+    first.start()
+    try:
+        wait_for(lambda: waiting(app) == 1, 5, "a waiter")
+        time.sleep(0.2)
+        body = {"name": "c", "scopes": "subscriptions:consume:sub", "is_active": False}
+        assert client.put(f"/clients/{consumer_id}", json=body, headers=admin).status_code == 200
+        started = time.monotonic()
+        response = client.get("/subscriptions/sub/messages", query_string=query, headers=token)
+        assert response.status_code == 401 and response.get_json()["detail"] == "token has been revoked"
+        assert time.monotonic() - started < 1
+    finally:
+        first.join(JOIN_TIMEOUT)
+        db.dispose(app)
+
+
 # --- The LISTEN connection ----------------------------------------------------------------------
 
 
 def test_one_listener_connection_serves_every_waiter_of_the_process(new_app, pg, start_waiter):
     known = listener_pids(pg)
-    app = new_app(API_NUM_THREADS=16)
+    app = new_app()
     client = app.test_client()
     setup(client, {"sub": {}, "sub2": {}})
     for round_ in range(2):
@@ -432,10 +597,14 @@ def test_a_publish_sends_at_most_one_notification_per_subscription(new_app, pg, 
         assert len(waiter.result()) == 10
         notifications = list(listening.notifies(timeout=1.0))
     assert {n.channel for n in notifications} == {CHANNEL}
-    per_subscription = Counter(n.payload for n in notifications)
+    # "<subscription> <messages it got> <transaction id>"
+    payloads = [n.payload.split(" ") for n in notifications]
+    per_subscription = Counter(subscription for subscription, _, _ in payloads)
     assert per_subscription["sub"] == 1, per_subscription
     assert max(per_subscription.values()) == 1, per_subscription
     assert set(per_subscription) <= {"sub", "sub2"}
+    assert {count for _, count, _ in payloads} == {"50"}
+    assert len({xid for _, _, xid in payloads}) == 1 and payloads[0][2].isdigit()
 
 
 def test_stopping_the_app_closes_its_listener_connection_at_once(new_app, pg, start_waiter):
@@ -488,21 +657,32 @@ class HttpWaiter(threading.Thread):
             self.finished = time.monotonic()
 
 
+def declined_header(port: int, path: str) -> tuple[int, str | None, float]:
+    """A GET on a new connection: its status, its Pubsub-Long-Poll header, seconds it took."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Pubsub-Long-Poll"), time.monotonic() - started
+    finally:
+        conn.close()
+
+
 @pytest.mark.slow
-def test_waiting_consumers_never_starve_the_server_of_threads(database_url, pg, tmp_path):
-    """A gunicorn worker of API_NUM_THREADS threads serves at most API_NUM_THREADS -
-    LONG_POLL_RESERVED_THREADS (at least 1) waiting consumers at once, each holding a thread but
-    no database connection; a long-poll consume beyond that is answered at once, as with
-    wait_seconds=0. So LONG_POLL_RESERVED_THREADS threads per worker always remain for other
-    requests, and a server of W workers has W times that many waiting consumers at most.
-    Here: one worker, 4 threads, 2 reserved → 2 waiting consumers."""
+def test_waiting_consumers_take_no_thread_that_serves_requests(database_url, pg, tmp_path):
+    """A gunicorn worker serves requests with API_NUM_THREADS threads (here 2) and lets up to
+    LONG_POLL_MAX_WAITERS consumers (here 40) wait beside them, each in a thread of its own that
+    holds no database connection and, while it waits, none of the API_NUM_THREADS: everything
+    else is answered at once meanwhile. The 41st long poll is declined at once, and says so."""
     port, log = free_port(), tmp_path / "serve.log"
     env = serve_env(
         DATABASE_URL=database_url,
         API_PORT=str(port),
         API_NUM_WORKERS="1",
-        API_NUM_THREADS="4",
-        LONG_POLL_RESERVED_THREADS="2",
+        API_NUM_THREADS="2",
+        LONG_POLL_MAX_WAITERS="40",
         LONG_POLL_RECHECK_SECONDS="30",
     )
     waiters: list[HttpWaiter] = []
@@ -516,42 +696,107 @@ def test_waiting_consumers_never_starve_the_server_of_threads(database_url, pg, 
             assert http_request(port, "POST", "/subscriptions", body)[0] == 201
 
             waiters = [
-                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=5&batch_size=1")
-                for i in range(4)
+                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=8&batch_size=1")
+                for i in range(40)
             ]
             for waiter in waiters:
                 waiter.start()
-            # Two get an empty answer at once; two wait.
-            wait_for(lambda: sum(not w.is_alive() for w in waiters) >= 2, 2, "two answers at once")
-            time.sleep(0.3)
-            answered = [w for w in waiters if not w.is_alive()]
-            waiting = [w for w in waiters if w.is_alive()]
-            assert len(answered) == 2 and len(waiting) == 2, output_of(log)[-3000:]
-            for w in answered:
-                assert w.error is None and w.outcome[:2] == (200, {"data": []}), w.outcome
-                assert w.outcome[2] < 1
+            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 40, 10, "40 waiting consumers")
+            assert all(w.is_alive() for w in waiters)
 
-            # Meanwhile the other threads answer everything else quickly, another long poll at once.
+            # Meanwhile the two request threads answer everything else quickly.
             for n in range(5):
                 status, _, took = http_get(port, "/topics")
                 assert status == 200 and took < 1
                 status, _, took = http_request(port, "POST", "/topics/other/messages", [{"n": n}])
                 assert status == 204 and took < 1
-            status, body, took = http_get(port, "/subscriptions/sub/messages?consumer_id=late&wait_seconds=5")
-            assert (status, body) == (200, {"data": []}) and took < 1
-            assert all(w.is_alive() for w in waiting)
+            status, header, took = declined_header(
+                port, "/subscriptions/sub/messages?consumer_id=late&wait_seconds=5"
+            )
+            assert (status, header) == (200, "declined") and took < 1
+            assert all(w.is_alive() for w in waiters)
 
-            # One listener connection for the worker, and a publish wakes both waiters at once.
+            # One listener connection for the worker, and a publish of 40 wakes all 40 at once.
             assert len(listener_pids(pg) - known) == 1
-            status, _, _ = http_request(port, "POST", "/topics/orders/messages", [{"n": 1}, {"n": 2}])
+            status, _, _ = http_request(
+                port, "POST", "/topics/orders/messages", [{"n": n} for n in range(40)]
+            )
             published = time.monotonic()
             assert status == 204
-            for w in waiting:
+            got = []
+            for w in waiters:
                 w.join(JOIN_TIMEOUT)
                 assert w.error is None and w.outcome[0] == 200, w.outcome
                 assert len(w.outcome[1]["data"]) == 1
+                got.append(w.outcome[1]["data"][0]["payload"]["n"])
                 assert w.finished - published < SLACK
+            assert sorted(got) == list(range(40))
             assert "Traceback" not in output_of(log)
+    finally:
+        for waiter in waiters:
+            waiter.join(JOIN_TIMEOUT)
+
+
+def metric_value(port: int, name: str) -> float:
+    """A sample of /metrics without labels (0 when absent)."""
+    status, text = request(port, "GET", "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return 0.0
+
+
+def test_worker_processes_share_out_a_notifications_messages(tmp_path):
+    path = str(tmp_path / "wakes")
+    SharedWakes.create(path)
+    first, second = SharedWakes(path), SharedWakes(path)
+    try:
+        # (taken, left for the others), whichever process reads the notification first.
+        assert first.take("sub 3 100", 3, 2) == (2, 1)
+        assert second.take("sub 3 100", 3, 5) == (1, 0)
+        assert first.take("sub 3 100", 3, 5) == (0, 0)
+        assert second.take("sub 3 101", 3, 0) == (0, 3)  # no idle waiter there: all left
+        assert first.take("sub 3 101", 3, 3) == (3, 0)
+        assert second.take("other 1 101", 1, 1) == (1, 0)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.slow
+def test_two_workers_wake_about_one_waiter_per_published_message(database_url, tmp_path):
+    """Both worker processes receive every notification; the first with idle waiters takes its
+    messages, so a message costs about one claim in the server, not one per worker."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(
+        DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="2", LONG_POLL_RECHECK_SECONDS="30"
+    )
+    waiters: list[HttpWaiter] = []
+    try:
+        with serving(env, log) as process:
+            wait_until_live(process, port, log)
+            assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+            assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+            waiters = [
+                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=6&batch_size=1")
+                for i in range(30)
+            ]
+            for waiter in waiters:
+                waiter.start()
+            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 30, 10, "30 waiting consumers")
+            time.sleep(0.3)  # every first claim is counted
+            before = metric_value(port, "pubsub_claims_total")
+            for n in range(10):
+                assert http_request(port, "POST", "/topics/orders/messages", [{"n": n}])[0] == 204
+                time.sleep(0.05)
+            wait_for(lambda: sum(not w.is_alive() for w in waiters) == 10, 5, "10 waiters served")
+            time.sleep(0.3)
+            claims = metric_value(port, "pubsub_claims_total") - before
+            assert 10 <= claims <= 13, f"{claims} claims for 10 messages"
+            got = sorted(w.outcome[1]["data"][0]["payload"]["n"] for w in waiters if not w.is_alive())
+            assert got == list(range(10))
     finally:
         for waiter in waiters:
             waiter.join(JOIN_TIMEOUT)

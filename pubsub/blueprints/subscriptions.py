@@ -5,7 +5,7 @@ import time
 from flask import current_app
 from flask.views import MethodView
 
-from pubsub import auth, db, listener, messages, subscriptions
+from pubsub import auth, db, listener, messages, observability, slots, subscriptions
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
@@ -40,6 +40,8 @@ blp = Blueprint(
 )
 
 NOT_FOUND = {"schema": ErrorSchema, "description": "Subscription not found"}
+# On a long poll answered at once because LONG_POLL_MAX_WAITERS consumers already wait here.
+DECLINED_HEADER = "Pubsub-Long-Poll"
 
 
 def document_ids_body(func, outcomes: bool = False):
@@ -88,23 +90,43 @@ def settled(outcomes: list[int], done: str):
 
 
 def consume(subscription_id: str, query: dict) -> list:
-    token = auth.revocation_token()  # checked by the claim itself (the first one, for a long poll)
+    token = auth.revocation_token()  # checked by the claim itself
+    observability.CLAIMS.inc()
     with db.connect() as conn:
         return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"], token)
 
 
-def consume_waiting(subscription_id: str, query: dict) -> list:
-    """Long poll: claim again each time the listener says messages may be there, until some
-    are or the wait is over. No database connection is held while waiting."""
+def consume_waiting(subscription_id: str, query: dict) -> list | None:
+    """Long poll: claim, then again each time the listener wakes this consume, until messages
+    come or the wait is over; None when this process has as many waiters as it allows. While
+    waiting it holds no database connection and no work slot."""
     deadline = time.monotonic() + query["wait_seconds"]
-    with listener.get_listener(current_app).wait_on(subscription_id) as wake:
-        while wake is not None:  # None: this process has as many waiters as it allows
-            wake.clear()
-            rows = consume(subscription_id, query)
+    waits = listener.get_listener(current_app)
+    waiter = waits.join(subscription_id, query["batch_size"])
+    if waiter is None:
+        return None
+    observability.LONG_POLL_WAITING.inc()
+    try:
+        claim = waiter.claim_first
+        if not claim:
+            db.run_all_pending()  # the revocation check that the skipped claim would have made
+        while True:
+            if claim:
+                granted = waits.claiming(waiter)
+                rows = consume(subscription_id, query)
+                waits.claimed(waiter, len(rows), granted)
+                if rows:
+                    return rows
+                if not waits.park(waiter):
+                    continue  # woken meanwhile, or messages pending: claim again now
             remaining = deadline - time.monotonic()
-            if rows or remaining <= 0 or not wake.wait(remaining):
-                return rows
-    return []
+            if remaining <= 0:
+                return []
+            with slots.slot_released():
+                claim = waiter.event.wait(remaining)
+    finally:
+        waits.leave(waiter)
+        observability.LONG_POLL_WAITING.dec()
 
 
 @blp.route("")
@@ -164,11 +186,16 @@ class SubscriptionMessages(MethodView):
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
         """Consume: lease up to batch_size available messages to this consumer."""
-        rows = consume(id, query)
-        if not rows and query["wait_seconds"]:
-            rows = consume_waiting(id, query)
+        rows = consume_waiting(id, query) if query["wait_seconds"] else None
+        declined = rows is None and query["wait_seconds"] > 0
+        if rows is None:
+            rows = consume(id, query)
         # Hot path: built directly, the payloads passed through as PostgreSQL rendered them.
-        return json_response({"data": [message_json(row, id) for row in rows]})
+        response = json_response({"data": [message_json(row, id) for row in rows]})
+        if declined and not rows:
+            observability.LONG_POLL_DECLINED.inc()
+            response.headers[DECLINED_HEADER] = "declined"
+        return response
 
 
 @blp.route("/<id>/acks")

@@ -30,6 +30,10 @@ def gunicorn_command(config) -> list[str]:
         str(config["API_NUM_WORKERS"]),
         "--threads",
         str(config["API_NUM_THREADS"]),
+        # Every waiting long-poll consumer holds a connection, beside gunicorn's default 1000
+        # for the others (pubsub.worker).
+        "--worker-connections",
+        str(1000 + config["API_NUM_THREADS"] + config["LONG_POLL_MAX_WAITERS"]),
         "wsgi:app",
     ]
 
@@ -57,6 +61,7 @@ def serve() -> None:
     # Settings that may come from instance/config.py, for gunicorn's own log lines.
     env["PUBSUB_LOG_LEVEL"] = app.config["LOG_LEVEL"]
     env["PUBSUB_LOG_FORMAT"] = app.config["LOG_FORMAT"]
+    env["PUBSUB_LONG_POLL_MAX_WAITERS"] = str(app.config["LONG_POLL_MAX_WAITERS"])  # for the workers' pool
     # Each worker writes its samples there and /metrics sums them; fresh each run, so no stale counts.
     with tempfile.TemporaryDirectory(prefix="pubsub-metrics-") as metrics_dir:
         env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
