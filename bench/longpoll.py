@@ -37,6 +37,7 @@ ERROR_PAUSE = 0.1
 GOT = 0  # messages
 EMPTY = 1  # empty, after waiting (the wait ran out)
 DECLINED = 2  # empty, the server did not wait (by its header, or: well before half the wait)
+EARLY = 3  # empty before half the wait, without the server's declined header
 
 
 class Conn:
@@ -141,6 +142,7 @@ class Plan:
     drain: float  # bound on the drain after the publish phase
     pause: float  # a consumer's pause after a declined poll
     declined_header: str | None
+    declined_value: str
     procs: int
     pad: str
 
@@ -170,6 +172,7 @@ class Result:
     publish_error_samples: list
     rss_idle: int | None  # bytes, app processes, before any consumer connected
     rss_waiting: int | None  # at the end of the idle phase
+    waiting: float | None  # long polls waiting in the server then, by its own gauge (None: unknown)
     drained_in: float  # seconds from the end of publishing to the last ack
 
 
@@ -228,11 +231,12 @@ async def consume_loop(plan: Plan, host, port, index, subscription, signals, rep
                 first = False
             report.answer_at.append(answered)
             if not rows:
+                early = answered - started < plan.wait / 2
                 if plan.declined_header:
-                    declined = plan.declined_header.lower() in headers
+                    declined = headers.get(plan.declined_header.lower(), "").lower() == plan.declined_value
                 else:
-                    declined = answered - started < plan.wait / 2
-                report.answer_kind.append(DECLINED if declined else EMPTY)
+                    declined = early
+                report.answer_kind.append(DECLINED if declined else EARLY if early else EMPTY)
                 if declined:
                     await asyncio.sleep(plan.pause)
                 continue
@@ -358,6 +362,7 @@ def run_longpoll(
     meters: dict[str, Callable],
     rss: Callable[[], int | None],
     claims: Callable[[], float | None],
+    waiting: Callable[[], float | None],
     say: Callable[[str], None],
 ) -> Result:
     """Run the phases (see the module's docstring); meters: name -> cumulative CPU seconds."""
@@ -383,7 +388,7 @@ def run_longpoll(
         idle_start, cpu0, claims0 = time.monotonic(), read_all(meters), claims()
         time.sleep(plan.idle)
         idle_end, cpu1, claims1 = time.monotonic(), read_all(meters), claims()
-        rss_waiting = rss()
+        rss_waiting, waiters = rss(), waiting()
         idle = Phase(idle_start, idle_end, difference(cpu1, cpu0), delta(claims1, claims0))
 
         say(f"longpoll: publishing {plan.rate:g}/s for {plan.duration:g}s")
@@ -436,6 +441,7 @@ def run_longpoll(
         publish_error_samples=publisher.error_samples,
         rss_idle=rss_idle,
         rss_waiting=rss_waiting,
+        waiting=waiters,
         drained_in=drained_in,
     )
 

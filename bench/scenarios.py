@@ -24,7 +24,7 @@ FANOUT_FILTERS = ({"country": ["BR"]}, {"country": ["US", "DE"]}, {"country": ["
 PREFILL_BATCH = 1000  # the API's largest publish batch
 PREFILL_CLIENTS_PER_PROC = 3
 HISTORY_SPAN_SECONDS = 1800  # acked history spread over the last half hour (within cleanup's retention)
-LONG_POLL_RESERVED_THREADS = 2  # the app's default: threads per worker that never wait
+LONG_POLL_MAX_WAITERS = 2000  # the app's default: long polls that may wait at once in a worker
 ROUND_FLOOR = 0.7  # rounds: no round's consume+ack throughput below this share of the first's
 ROUND_BOUND = 600.0  # rounds: seconds a round's consume may take (100k at a collapsed 1,200/s: 83 s)
 COLD_BOUND = 600.0  # consume_ack_cold: seconds its drain may take
@@ -569,15 +569,13 @@ def mixed_poll(run: Run):
 
 
 def waiting_capacity(run: Run) -> int | None:
-    """How many claims one worker lets wait (threads - LONG_POLL_RESERVED_THREADS); it answers
-    the others at once, and early_empty_claims counts those. gunicorn does not spread keep-alive
-    connections evenly over its workers, so only a consumer count within one worker's share is
-    sure to wait. None with --url: the app's threads are not known."""
-    threads = getattr(run.app, "threads", None)
-    if threads is None:
+    """How many claims one worker lets wait (LONG_POLL_MAX_WAITERS; before issue 15, threads - 2);
+    it answers the others at once, and early_empty_claims counts those. gunicorn does not spread
+    keep-alive connections evenly over its workers, so only a consumer count within one worker's
+    share is sure to wait. None with --url: the app's settings are not known."""
+    if getattr(run.app, "threads", None) is None:
         return None
-    reserved = int(os.environ.get("PUBSUB_LONG_POLL_RESERVED_THREADS", LONG_POLL_RESERVED_THREADS))
-    return max(1, threads - reserved)
+    return max(1, int(os.environ.get("PUBSUB_LONG_POLL_MAX_WAITERS", LONG_POLL_MAX_WAITERS)))
 
 
 def warm_up(run: Run, seconds: float) -> None:
@@ -597,11 +595,15 @@ def warm_up(run: Run, seconds: float) -> None:
 
 # The server's Prometheus counter of claim statements; until the app has it, pg_stat_statements
 # counts the claim statement (CLAIM_STATEMENT_MARK is a piece of its text), when preloaded.
-CLAIM_METRIC = "pubsub_claim_statements_total"
+CLAIM_METRIC = "pubsub_claims_total"
+# How many long polls wait in the server (a gauge summed over its workers), read at the end of
+# the idle phase: it should be n.
+WAITING_METRIC = "pubsub_long_poll_waiting"
 CLAIM_STATEMENT_MARK = "picked AS MATERIALIZED"
-# The response header by which the server says it declined to wait; None: not known, and a
+# The response header (and its value) by which the server says it declined to wait; with None, a
 # declined poll is one answered empty before half its wait (as the yardstick counts it).
-DECLINED_HEADER: str | None = None
+DECLINED_HEADER: str | None = "Pubsub-Long-Poll"
+DECLINED_VALUE = "declined"
 # Issue 15's targets, checked in a full run (--targets auto) or always (--targets on).
 TARGET_E2E_P50_MS = 20.0
 TARGET_E2E_P99_MS = 100.0
@@ -710,6 +712,7 @@ def longpoll(run: Run):
         drain=args.drain_timeout,
         pause=args.declined_pause,
         declined_header=DECLINED_HEADER,
+        declined_value=DECLINED_VALUE,
         procs=args.procs,
         pad="x" * args.payload_pad,
     )
@@ -719,6 +722,7 @@ def longpoll(run: Run):
             run.cpu_meters(),
             lambda: lp.tree_rss(run.app.app_roots),
             counter.read,
+            lambda: metric_value(run.app.url, WAITING_METRIC, os.environ.get("PUBSUB_METRICS_BEARER_TOKEN")),
             lambda text: print(f"[bench]   {text}", file=sys.stderr, flush=True),
         )
     finally:
@@ -790,14 +794,14 @@ def longpoll_figures(result: "lp.Result", plan: "lp.Plan", claim_source: str | N
     r = result.report
     idle, publish = result.idle, result.publish
 
-    def answers(phase: "lp.Phase") -> tuple[int, int]:
+    def answers(phase: "lp.Phase") -> tuple[int, int, int]:
         within = [
             kind for at, kind in zip(r.answer_at, r.answer_kind, strict=True) if phase.start <= at < phase.end
         ]
-        return len(within), sum(1 for kind in within if kind == lp.DECLINED)
+        return len(within), within.count(lp.DECLINED), within.count(lp.EARLY)
 
-    requests_idle, declined_idle = answers(idle)
-    requests_publish, declined_publish = answers(publish)
+    requests_idle, declined_idle, early_idle = answers(idle)
+    requests_publish, declined_publish, early_publish = answers(publish)
     e2e = sorted(r.e2e)
 
     def pick(q: float) -> float | None:
@@ -821,7 +825,14 @@ def longpoll_figures(result: "lp.Result", plan: "lp.Plan", claim_source: str | N
         "e2e_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": round(e2e[-1] * 1000, 1) if e2e else None},
         "declined_per_s": round(declined_publish / publish.elapsed, 1),
         "declined_per_s_idle": round(declined_idle / idle.elapsed, 1),
-        "declined_by": f"header {plan.declined_header}" if plan.declined_header else "early empty (< wait/2)",
+        "declined_by": (
+            f"header {plan.declined_header}: {plan.declined_value}"
+            if plan.declined_header
+            else "early empty (< wait/2)"
+        ),
+        # Empty before half the wait yet not declined by the header (0 without a header: declined).
+        "early_empty_per_s": round(early_publish / publish.elapsed, 1),
+        "early_empty_per_s_idle": round(early_idle / idle.elapsed, 1),
         "consume_requests_per_s": round(requests_publish / publish.elapsed, 1),
         "consume_requests_per_s_idle": round(requests_idle / idle.elapsed, 1),
         "claims_per_msg": (
@@ -842,6 +853,7 @@ def longpoll_figures(result: "lp.Result", plan: "lp.Plan", claim_source: str | N
         "server_rss_kib_per_waiter": round((rss_waiting - rss_idle) / 1024 / plan.consumers, 1)
         if known_rss
         else None,
+        "server_waiting_at_idle_end": result.waiting,
         "consumers_answered": r.connected,
         "drained_in_s": round(result.drained_in, 2),
         # Kept for the checks and the table; not figures of their own.
