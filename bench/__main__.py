@@ -290,7 +290,8 @@ def run_one(app, args, scenario: str, mode: str) -> dict:
     except SkipScenario as skip:
         result = failure(scenario, mode, app, str(skip), skipped=True)
     except Exception:
-        result = failure(scenario, mode, app, traceback.format_exc())
+        exited = app.exited()
+        result = failure(scenario, mode, app, traceback.format_exc() + (f"\n{exited}" if exited else ""))
     say(progress_line(result))
     for c in result.get("checks", []):
         if not c["ok"]:

@@ -182,6 +182,9 @@ class ExternalApp:
     def stop(self) -> None:
         pass
 
+    def exited(self) -> str | None:
+        return None
+
     def token(self) -> str | None:
         return fetch_token(self.url, *self.client) if self.client else None
 
@@ -294,6 +297,12 @@ class LocalApp:
             if masters and len(masters[0].children()) >= self.workers:
                 return
             time.sleep(0.05)
+
+    def exited(self) -> str | None:
+        """What became of serve, if it is no longer running (for a failed scenario's error)."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return f"serve exited with {self.process.returncode}; its log ends:\n{self.log()[-1500:]}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""

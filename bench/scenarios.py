@@ -742,15 +742,22 @@ def longpoll(run: Run):
         equal("received messages never published (keys)", len(set(keys) - set(result.published_keys)), 0),
     ]
     wrong = []
-    for subscription, count in zip(subscriptions, result.published_by_subscription, strict=True):
-        m = run.metrics(subscription)
-        if (m["available"], m["delivered"], m["acked"]) != (0, 0, count):
-            wrong.append(f"{subscription}: available {m['available']}, delivered {m['delivered']}, "
-                         f"acked {m['acked']} of {count}")  # fmt: skip
+    try:  # the figures are worth keeping even when the app is gone by now
+        for subscription, count in zip(subscriptions, result.published_by_subscription, strict=True):
+            m = run.metrics(subscription)
+            if (m["available"], m["delivered"], m["acked"]) != (0, 0, count):
+                wrong.append(f"{subscription}: available {m['available']}, delivered {m['delivered']}, "
+                             f"acked {m['acked']} of {count}")  # fmt: skip
+        for topic in topics:
+            run.drop(topic)
+    except (OSError, http.client.HTTPException, AppError) as error:
+        exited = run.app.exited()
+        wrong.append(
+            f"the API failed after the load: {type(error).__name__}: {error}"
+            + (f"; {exited}" if exited else "")
+        )
     checks.append(check("each subscription: available = delivered = 0, acked = published", not wrong,
                         "; ".join(wrong[:3])))  # fmt: skip
-    for topic in topics:
-        run.drop(topic)
 
     extra = longpoll_figures(result, plan, counter.source)
     declined = extra["declined_idle"] + extra["declined_publish"]
