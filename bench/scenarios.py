@@ -760,10 +760,13 @@ def longpoll(run: Run):
                         "; ".join(wrong[:3])))  # fmt: skip
 
     extra = longpoll_figures(result, plan, counter.source)
-    declined = extra["declined_idle"] + extra["declined_publish"]
+    # Early empty answers count too: a server that declines without saying so must not pass.
+    declined = sum(
+        extra[f"{kind}_{phase}"] for kind in ("declined", "early") for phase in ("idle", "publish")
+    )
     targets = args.targets == "on" or (args.targets == "auto" and not args.smoke)
     if targets or DECLINED_HEADER:
-        checks.append(equal("declined consumes (idle + publish phases)", declined, 0))
+        checks.append(equal("declined or early empty consumes (idle + publish phases)", declined, 0))
     if targets:
         e2e = extra["e2e_ms"]
         checks += [
@@ -866,6 +869,8 @@ def longpoll_figures(result: "lp.Result", plan: "lp.Plan", claim_source: str | N
         # Kept for the checks and the table; not figures of their own.
         "declined_idle": declined_idle,
         "declined_publish": declined_publish,
+        "early_idle": early_idle,
+        "early_publish": early_publish,
         "consume_requests_publish": requests_publish,
     }
 
