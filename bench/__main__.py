@@ -30,7 +30,7 @@ DEFAULTS = {
     "cold_messages": 100_000,
     "consumers": 1000,
     "longpoll_duration": 20.0,
-    "idle_seconds": 10.0,
+    "idle_seconds": None,  # longpoll: one whole wait (--longpoll-wait), so each one runs out once in it
     "settle_seconds": 3.0,
     "longpoll_wait": 20,
 }
@@ -129,7 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lpoll.add_argument("--longpoll-wait", type=int, help="longpoll: wait_seconds (20; smoke 5; 1-20)")
     lpoll.add_argument("--publishers", type=int, default=4, help="longpoll: threads sharing the schedule (4)")
     lpoll.add_argument("--longpoll-duration", type=float, help="longpoll: publish phase, s (20; smoke 5)")
-    lpoll.add_argument("--idle-seconds", type=float, help="longpoll: idle phase, s (10; smoke 2)")
+    lpoll.add_argument(
+        "--idle-seconds", type=float, help="longpoll: idle phase, s (--longpoll-wait; smoke 2)"
+    )
     lpoll.add_argument(
         "--settle-seconds", type=float, help="longpoll: consumers' start to idle, s (3; smoke 1)"
     )
@@ -158,6 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if args.idle_seconds is None:
+        args.idle_seconds = float(args.longpoll_wait)
     args.scenarios = args.scenarios or list(SCENARIOS)
     if min(args.concurrency, args.batch, args.procs, args.mixed_batch) < 1 or args.batch > 1000:
         parser.error("--concurrency, --procs and --mixed-batch must be >= 1; --batch from 1 to 1000")
