@@ -167,6 +167,7 @@ class Listener:
         self.waiting = 0
         self.marks: dict[str, float] = {}  # subscription -> when our mark lapses (monotonic)
         self.shared = shared_wakes()
+        self.releasing = False  # the process is stopping: waiters answer at once
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.pid = 0
@@ -178,7 +179,7 @@ class Listener:
         Its claim_first says whether it must claim before it waits."""
         waiter = Waiter(subscription_id, batch_size)
         with self.lock:
-            if self.waiting >= self.capacity:
+            if self.waiting >= self.capacity or self.releasing:
                 return None
             self.waiting += 1
             waits = self.waits.get(subscription_id)
@@ -238,6 +239,14 @@ class Listener:
                 self.dispatch(waits, waiter.granted)
             if not waits.count:
                 del self.waits[waiter.subscription_id]
+
+    def release_waiters(self) -> None:
+        """The process is stopping (pubsub.worker): every waiter answers now, with nothing, and
+        new long polls are answered at once."""
+        with self.lock:
+            self.releasing = True
+            for waits in self.waits.values():
+                self.wake_idle(waits, sum(w.batch_size for w in waits.idle))
 
     def mark(self, subscription_id: str) -> None:
         """Ask publishers to NOTIFY this subscription for the next MARK_SECONDS (unless our last

@@ -79,6 +79,17 @@ class ThreadWorker(gthread.ThreadWorker):
         # Threads are started as requests need them: an idle worker holds no more than gthread's.
         return ThreadPoolExecutor(max_workers=self.cfg.threads + long_poll_max_waiters())
 
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        # Waiting consumers would keep a stopping worker up to 20 s: they answer now instead.
+        # Deferred to the main loop, which runs it outside the signal handler.
+        self.method_queue.defer(self.release_waiters)
+
+    def release_waiters(self):
+        waits = getattr(self.wsgi, "extensions", {}).get("pubsub_listener")
+        if waits is not None:
+            waits.release_waiters()
+
     def handle_request(self, req, conn):
         with slots.slot_held():
             return super().handle_request(req, conn)

@@ -12,6 +12,7 @@ also when a test fails.
 """
 
 import http.client
+import signal
 import threading
 import time
 from collections import Counter
@@ -797,6 +798,38 @@ def test_two_workers_wake_about_one_waiter_per_published_message(database_url, t
             assert 10 <= claims <= 13, f"{claims} claims for 10 messages"
             got = sorted(w.outcome[1]["data"][0]["payload"]["n"] for w in waiters if not w.is_alive())
             assert got == list(range(10))
+    finally:
+        for waiter in waiters:
+            waiter.join(JOIN_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_url, tmp_path):
+    """SIGTERM: the workers stop taking connections and their waiting consumers get an empty
+    answer at once, instead of keeping the server up for the rest of their wait."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="2")
+    waiters: list[HttpWaiter] = []
+    try:
+        with serving(env, log) as process:
+            wait_until_live(process, port, log)
+            assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+            assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+            waiters = [
+                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=20")
+                for i in range(10)
+            ]
+            for waiter in waiters:
+                waiter.start()
+            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 10, 10, "10 waiting consumers")
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            for w in waiters:
+                w.join(JOIN_TIMEOUT)
+                assert w.error is None and w.outcome[:2] == (200, {"data": []}), (w.outcome, w.error)
+                assert w.finished - stopped < 3
+            assert process.wait(15) == 0
+            assert time.monotonic() - stopped < 8
     finally:
         for waiter in waiters:
             waiter.join(JOIN_TIMEOUT)

@@ -42,6 +42,13 @@ blp = Blueprint(
 NOT_FOUND = {"schema": ErrorSchema, "description": "Subscription not found"}
 # On a long poll answered at once because LONG_POLL_MAX_WAITERS consumers already wait here.
 DECLINED_HEADER = "Pubsub-Long-Poll"
+DECLINED_DOC = {
+    DECLINED_HEADER: {
+        "description": "`declined` on a long poll answered at once, empty, because this server process"
+        f" already has LONG_POLL_MAX_WAITERS consumers waiting: pause before asking again. {EXTENSION}",
+        "schema": {"type": "string", "enum": ["declined"]},
+    }
+}
 
 
 def document_ids_body(func, outcomes: bool = False):
@@ -124,6 +131,8 @@ def consume_waiting(subscription_id: str, query: dict) -> list | None:
                 return []
             with slots.slot_released():
                 claim = waiter.event.wait(remaining)
+            if waits.releasing:
+                return []  # the server is stopping: the consumer asks again, elsewhere or later
     finally:
         waits.leave(waiter)
         observability.LONG_POLL_WAITING.dec()
@@ -182,7 +191,7 @@ class Subscription(MethodView):
 class SubscriptionMessages(MethodView):
     @require_scope("subscriptions", "consume")
     @blp.arguments(ConsumeQuerySchema, location="query")
-    @blp.response(200, MessageListSchema)
+    @blp.response(200, MessageListSchema, headers=DECLINED_DOC)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
         """Consume: lease up to batch_size available messages to this consumer."""
