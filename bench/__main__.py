@@ -15,7 +15,7 @@ import traceback
 import orjson
 
 from bench.app import AppError, ExternalApp, LocalApp
-from bench.scenarios import SCENARIOS, Run, SkipScenario, warm_up
+from bench.scenarios import SCENARIOS, Run, SkipScenario, app_counts_claims, warm_up
 
 # Full run defaults, then what --smoke changes (each still overridable on the command line).
 DEFAULTS = {
@@ -28,6 +28,11 @@ DEFAULTS = {
     "rounds": 5,
     "round_messages": 100_000,
     "cold_messages": 100_000,
+    "consumers": 1000,
+    "longpoll_duration": 20.0,
+    "idle_seconds": None,  # longpoll: one whole wait (--longpoll-wait), so each one runs out once in it
+    "settle_seconds": 3.0,
+    "longpoll_wait": 20,
 }
 SMOKE = {
     "duration": 1.5,
@@ -39,6 +44,11 @@ SMOKE = {
     "rounds": 3,
     "round_messages": 10_000,
     "cold_messages": 10_000,
+    "consumers": 200,
+    "longpoll_duration": 5.0,
+    "idle_seconds": 2.0,
+    "settle_seconds": 1.0,
+    "longpoll_wait": 5,
 }
 BUSY_MACHINE = 0.25  # cores used by processes outside the run that make its figures suspect
 
@@ -106,6 +116,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="wait up to this long for an idle machine before each window",
     )
+    lpoll = parser.add_argument_group("longpoll (issue 15)")
+    lpoll.add_argument(
+        "-n", "--consumers", type=int, help="longpoll: long-polling consumers (1000; smoke 200)"
+    )
+    lpoll.add_argument(
+        "--subscriptions", type=int, default=1, help="longpoll: subscriptions, one topic each (1)"
+    )
+    lpoll.add_argument(
+        "--publish-rate", type=float, default=100.0, help="longpoll: 1-message publishes/s (100)"
+    )
+    lpoll.add_argument("--longpoll-wait", type=int, help="longpoll: wait_seconds (20; smoke 5; 1-20)")
+    lpoll.add_argument("--publishers", type=int, default=4, help="longpoll: threads sharing the schedule (4)")
+    lpoll.add_argument("--longpoll-duration", type=float, help="longpoll: publish phase, s (20; smoke 5)")
+    lpoll.add_argument(
+        "--idle-seconds", type=float, help="longpoll: idle phase, s (--longpoll-wait; smoke 2)"
+    )
+    lpoll.add_argument(
+        "--settle-seconds", type=float, help="longpoll: consumers' start to idle, s (3; smoke 1)"
+    )
+    lpoll.add_argument("--longpoll-batch", type=int, default=10, help="longpoll: batch_size per consume (10)")
+    lpoll.add_argument(
+        "--declined-pause", type=float, default=0.5, help="longpoll: pause after a declined poll"
+    )
+    lpoll.add_argument(
+        "--targets",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="longpoll: check issue 15's targets (auto: in a full run, not with --smoke)",
+    )
     load.add_argument("--payload-pad", type=int, default=64, help="filler characters per payload")
     auth = parser.add_argument_group("auth")
     auth.add_argument("--auth", action="store_true", help="bearer tokens (AUTH_ENABLED=true)")
@@ -121,6 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    if args.idle_seconds is None:
+        args.idle_seconds = float(args.longpoll_wait)
     args.scenarios = args.scenarios or list(SCENARIOS)
     if min(args.concurrency, args.batch, args.procs, args.mixed_batch) < 1 or args.batch > 1000:
         parser.error("--concurrency, --procs and --mixed-batch must be >= 1; --batch from 1 to 1000")
@@ -130,6 +171,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be >= 2 and --round-messages >= 1")
     if not 1 <= args.wait_seconds <= 20 or args.poll_ms < 0:
         parser.error("--wait-seconds goes from 1 to 20; --poll-ms must be >= 0")
+    if args.consumers < 1 or args.subscriptions < 1 or args.consumers < args.subscriptions:
+        parser.error("--consumers and --subscriptions must be >= 1, with at least one consumer each")
+    if args.publishers < 1 or not 1 <= args.longpoll_wait <= 20 or not 1 <= args.longpoll_batch <= 100:
+        parser.error("--longpoll-wait goes from 1 to 20, --longpoll-batch from 1 to 100; --publishers >= 1")
+    if args.publish_rate <= 0:
+        parser.error("--publish-rate must be > 0")
     if args.url and (args.raw or args.compare_raw) and not args.database_url:
         parser.error("--raw and --compare-raw with --url need --database-url")
     if args.url and args.auth and not (args.client_id and args.client_secret):
@@ -211,7 +258,7 @@ def run_all(args) -> list[dict]:
             client = (args.client_id, args.client_secret) if args.auth else None
             app = ExternalApp(args.url, args.database_url, args.app_pids, args.pg_pids, client)
         else:
-            app = LocalApp(workers, threads, auth=args.auth, keep=args.keep_instance)
+            app = LocalApp(workers, threads, auth=args.auth, keep=args.keep_instance, preload=preload(args))
         try:
             say(f"starting the app ({app.describe()})")
             started = time.monotonic()
@@ -231,6 +278,14 @@ def run_all(args) -> list[dict]:
     return results
 
 
+def preload(args) -> tuple[str, ...]:
+    """PostgreSQL libraries the started app's database needs: pg_stat_statements counts longpoll's
+    claim statements while the app has no counter of its own."""
+    if "longpoll" in args.scenarios and not app_counts_claims():
+        return ("pg_stat_statements",)
+    return ()
+
+
 def run_one(app, args, scenario: str, mode: str) -> dict:
     try:
         run = Run(app, args, mode, app.token())
@@ -239,7 +294,8 @@ def run_one(app, args, scenario: str, mode: str) -> dict:
     except SkipScenario as skip:
         result = failure(scenario, mode, app, str(skip), skipped=True)
     except Exception:
-        result = failure(scenario, mode, app, traceback.format_exc())
+        exited = app.exited()
+        result = failure(scenario, mode, app, traceback.format_exc() + (f"\n{exited}" if exited else ""))
     say(progress_line(result))
     for c in result.get("checks", []):
         if not c["ok"]:
@@ -348,6 +404,39 @@ def mixed_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LONGPOLL_COLUMNS = (
+    ("n", 5), ("subs", 4), ("pub", 5), ("recv", 5), ("e2e p50", 7), ("p99", 7), ("max", 7),
+    ("decl/s", 6), ("cons/s", 6), ("claims/msg", 10), ("cpu% pub", 8), ("cpu% idle", 9),
+    ("pg% idle", 8), ("gen% pub", 8), ("rss idle", 8), ("waiting", 8), ("KiB/waiter", 10),
+)  # fmt: skip
+
+
+def longpoll_table(results: list[dict]) -> str:
+    """longpoll's figures (issue 15): e2e in ms, declined and consume requests per second in the
+    publish phase, claim statements per published message, the server's CPU (% of one core) while
+    publishing and idle with every consumer waiting, its RSS (MiB) idle and with the waiters."""
+    rows = [r for r in results if r["scenario"] == "longpoll" and "error" not in r]
+    if not rows:
+        return ""
+    lines = [
+        "longpoll: e2e ms; declined and consume requests per second while publishing; claim statements"
+        " per message; server CPU % of one core publishing and idle (waiting); RSS MiB idle, waiting:"
+    ]
+    lines.append(aligned([name for name, _ in LONGPOLL_COLUMNS], LONGPOLL_COLUMNS))
+    for r in rows:
+        x, e2e = r["extra"], r["extra"]["e2e_ms"]
+        cells = [
+            str(x["consumers"]), str(x["subscriptions"]), str(x["published"]), str(x["received"]),
+            fmt(e2e["p50"]), fmt(e2e["p99"]), fmt(e2e["max"]), fmt(x["declined_per_s"]),
+            fmt(x["consume_requests_per_s"]), fmt(x["claims_per_msg"], 2), fmt(x["server_cpu_pct_publish"]),
+            fmt(x["server_cpu_pct_idle"]), fmt(x["pg_cpu_pct_idle"]), fmt(x["loadgen_cpu_pct_publish"]),
+            fmt(x["server_rss_mib_idle"]), fmt(x["server_rss_mib_waiting"]),
+            fmt(x["server_rss_kib_per_waiter"]),
+        ]  # fmt: skip
+        lines.append(aligned(cells, LONGPOLL_COLUMNS))
+    return "\n".join(lines)
+
+
 def ratios(results: list[dict]) -> str:
     """HTTP against raw for each scenario run both ways in this invocation."""
     rows = {}
@@ -383,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json_out, "a") as out:
             out.write("\n".join(lines) + "\n")
     print(table(results))
-    for section in (mixed_table(results), ratios(results)):
+    for section in (mixed_table(results), longpoll_table(results), ratios(results)):
         if section:
             print(section)
     failed = [f"{r['scenario']} {r['mode']}" for r in results if not r["ok"]]

@@ -182,6 +182,9 @@ class ExternalApp:
     def stop(self) -> None:
         pass
 
+    def exited(self) -> str | None:
+        return None
+
     def token(self) -> str | None:
         return fetch_token(self.url, *self.client) if self.client else None
 
@@ -194,8 +197,16 @@ class LocalApp:
     PostgreSQL under a temporary instance folder; stopped with SIGTERM to serve, which stops
     gunicorn and then that PostgreSQL."""
 
-    def __init__(self, workers: int, threads: int, auth: bool = False, keep: bool = False):
+    def __init__(
+        self,
+        workers: int,
+        threads: int,
+        auth: bool = False,
+        keep: bool = False,
+        preload: tuple[str, ...] = (),
+    ):
         self.workers, self.threads, self.auth, self.keep = workers, threads, auth, keep
+        self.preload = preload  # shared_preload_libraries for the embedded PostgreSQL
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.instance = Path(tempfile.mkdtemp(prefix="pubsub-bench-"))
@@ -245,6 +256,11 @@ class LocalApp:
 
     def start(self) -> None:
         self.flask("db", "upgrade", timeout=UPGRADE_TIMEOUT)
+        if self.preload:
+            # The upgrade made (and stopped) the cluster; serve starts it again with these.
+            with (self.instance / "pgdata" / "postgresql.conf").open("a") as conf:
+                conf.write(f"\nshared_preload_libraries = '{','.join(self.preload)}'\n")
+            self.notes.append(f"embedded PostgreSQL with shared_preload_libraries = {','.join(self.preload)}")
         if self.auth:
             self.client = create_client(self.flask("pubsub", "create-client", "bench", "*", timeout=60))
         with self.log_path.open("ab") as log:
@@ -282,6 +298,12 @@ class LocalApp:
                 return
             time.sleep(0.05)
 
+    def exited(self) -> str | None:
+        """What became of serve, if it is no longer running (for a failed scenario's error)."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return f"serve exited with {self.process.returncode}; its log ends:\n{self.log()[-1500:]}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
@@ -303,6 +325,7 @@ class LocalApp:
             "workers": self.workers,
             "threads": self.threads,
             "auth": self.auth,
+            **({"preload": list(self.preload)} if self.preload else {}),
         }
 
     def stop(self) -> None:

@@ -1,15 +1,19 @@
 """The scenarios: each sets up its topic through the API, runs the load for the window, checks
 through the API that nothing was lost or acked twice, deletes its topic and returns a result."""
 
+import http.client
 import itertools
 import os
 import sys
 import time
+from array import array
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import psutil
 import sqlalchemy as sa
 
+from bench import longpoll as lp
 from bench.app import AppError, request_json, tree_cpu_seconds
 from bench.load import SEQ_BITS, Outcome, Tally, run_load, wait_until_quiet
 from pubsub.tables import acked_messages
@@ -20,7 +24,7 @@ FANOUT_FILTERS = ({"country": ["BR"]}, {"country": ["US", "DE"]}, {"country": ["
 PREFILL_BATCH = 1000  # the API's largest publish batch
 PREFILL_CLIENTS_PER_PROC = 3
 HISTORY_SPAN_SECONDS = 1800  # acked history spread over the last half hour (within cleanup's retention)
-LONG_POLL_RESERVED_THREADS = 2  # the app's default: threads per worker that never wait
+LONG_POLL_MAX_WAITERS = 2000  # the app's default: long polls that may wait at once in a worker
 ROUND_FLOOR = 0.7  # rounds: no round's consume+ack throughput below this share of the first's
 ROUND_BOUND = 600.0  # rounds: seconds a round's consume may take (100k at a collapsed 1,200/s: 83 s)
 COLD_BOUND = 600.0  # consume_ack_cold: seconds its drain may take
@@ -565,15 +569,13 @@ def mixed_poll(run: Run):
 
 
 def waiting_capacity(run: Run) -> int | None:
-    """How many claims one worker lets wait (threads - LONG_POLL_RESERVED_THREADS); it answers
-    the others at once, and early_empty_claims counts those. gunicorn does not spread keep-alive
-    connections evenly over its workers, so only a consumer count within one worker's share is
-    sure to wait. None with --url: the app's threads are not known."""
-    threads = getattr(run.app, "threads", None)
-    if threads is None:
+    """How many claims one worker lets wait (LONG_POLL_MAX_WAITERS; before issue 15, threads - 2);
+    it answers the others at once, and early_empty_claims counts those. gunicorn does not spread
+    keep-alive connections evenly over its workers, so only a consumer count within one worker's
+    share is sure to wait. None with --url: the app's settings are not known."""
+    if getattr(run.app, "threads", None) is None:
         return None
-    reserved = int(os.environ.get("PUBSUB_LONG_POLL_RESERVED_THREADS", LONG_POLL_RESERVED_THREADS))
-    return max(1, threads - reserved)
+    return max(1, int(os.environ.get("PUBSUB_LONG_POLL_MAX_WAITERS", LONG_POLL_MAX_WAITERS)))
 
 
 def warm_up(run: Run, seconds: float) -> None:
@@ -587,6 +589,290 @@ def warm_up(run: Run, seconds: float) -> None:
     if outcome.tally.errors:
         raise AppError(f"warm-up requests failed: {outcome.tally.error_samples}")
     run.drop(topic)
+
+
+# -- longpoll (issue 15) --
+
+# The server's Prometheus counter of claim statements; until the app has it, pg_stat_statements
+# counts the claim statement (CLAIM_STATEMENT_MARK is a piece of its text), when preloaded.
+CLAIM_METRIC = "pubsub_claims_total"
+# How many long polls wait in the server (a gauge summed over its workers), read at the end of
+# the idle phase: it should be n.
+WAITING_METRIC = "pubsub_long_poll_waiting"
+CLAIM_STATEMENT_MARK = "picked AS MATERIALIZED"
+# The response header (and its value) by which the server says it declined to wait; with None, a
+# declined poll is one answered empty before half its wait (as the yardstick counts it).
+DECLINED_HEADER: str | None = "Pubsub-Long-Poll"
+DECLINED_VALUE = "declined"
+# Issue 15's targets, checked in a full run (--targets auto) or always (--targets on).
+TARGET_E2E_P50_MS = 20.0
+TARGET_E2E_P99_MS = 100.0
+TARGET_CLAIMS_PER_MESSAGE = 2.0
+TARGET_IDLE_CPU_PERCENT = 5.0
+
+
+def app_counts_claims() -> bool:
+    """Whether this checkout's app defines CLAIM_METRIC (then pg_stat_statements is not needed)."""
+    import prometheus_client
+
+    import pubsub.messages  # noqa: F401  (wherever the app defines the counter, it is imported by now)
+    import pubsub.observability  # noqa: F401
+
+    names = getattr(prometheus_client.REGISTRY, "_names_to_collectors", {})
+    return CLAIM_METRIC in names or CLAIM_METRIC.removesuffix("_total") in names
+
+
+def metric_value(url: str, name: str, token: str | None = None) -> float | None:
+    """The sum of a metric's samples on the app's /metrics (None if it has none)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+    ]
+    return sum(values) if values else None
+
+
+class ClaimCounter:
+    """Claim statements run by the app so far: its Prometheus counter, else pg_stat_statements
+    (when the database has it preloaded), else unknown (read() returns None)."""
+
+    def __init__(self, run: Run):
+        self.run, self.source, self.conn = run, None, None
+        if metric_value(run.app.url, CLAIM_METRIC, os.environ.get("PUBSUB_METRICS_BEARER_TOKEN")) is not None:
+            self.source = "metric"
+            return
+        engine = run.engine()
+        if engine is None:
+            return
+        try:
+            self.conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self.conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self.source = "pg_stat_statements"
+            self.read()
+        except sa.exc.DBAPIError:  # not preloaded (shared_preload_libraries), or not installed
+            self.close()
+            self.source = None
+
+    def read(self) -> float | None:
+        if self.source == "metric":
+            return metric_value(self.run.app.url, CLAIM_METRIC, os.environ.get("PUBSUB_METRICS_BEARER_TOKEN"))
+        if self.source == "pg_stat_statements":
+            row = self.conn.exec_driver_sql(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE %(mark)s",
+                {"mark": f"%{CLAIM_STATEMENT_MARK}%"},
+            ).one()
+            return float(row[0])
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            engine = self.conn.engine
+            self.conn.close()
+            engine.dispose()
+            self.conn = None
+
+
+def longpoll(run: Run):
+    """-n consumers long-poll --subscriptions subscriptions (each of its own topic) while one
+    publisher sends --publish-rate single-message publishes a second (issue 15); an idle phase
+    first (consumers waiting, nothing published) for the server's CPU and memory with waiters."""
+    if run.mode == "raw":
+        raise SkipScenario("long-poll is an HTTP feature")
+    args = run.args
+    topics = [run.new_topic() for _ in range(args.subscriptions)]
+    subscriptions = [run.new_subscription(topic) for topic in topics]
+    run.settle()
+    run.wait_quiet()
+    counter = ClaimCounter(run)
+    plan = lp.Plan(
+        url=run.app.url,
+        token=run.token,
+        topics=topics,
+        subscriptions=subscriptions,
+        consumers=args.consumers,
+        batch=args.longpoll_batch,
+        wait=args.longpoll_wait,
+        rate=args.publish_rate,
+        publishers=args.publishers,
+        duration=args.longpoll_duration,
+        idle=args.idle_seconds,
+        settle=args.settle_seconds,
+        drain=args.drain_timeout,
+        pause=args.declined_pause,
+        declined_header=DECLINED_HEADER,
+        declined_value=DECLINED_VALUE,
+        procs=args.procs,
+        pad="x" * args.payload_pad,
+    )
+    try:
+        result = lp.run_longpoll(
+            plan,
+            run.cpu_meters(),
+            lambda: lp.tree_rss(run.app.app_roots),
+            counter.read,
+            lambda: metric_value(run.app.url, WAITING_METRIC, os.environ.get("PUBSUB_METRICS_BEARER_TOKEN")),
+            lambda text: print(f"[bench]   {text}", file=sys.stderr, flush=True),
+        )
+    finally:
+        counter.close()
+    r = result.report
+    keys = list(r.keys)
+    published = result.published
+    checks = [
+        check(
+            "no request failed",
+            r.errors + result.publish_errors == 0,
+            "; ".join(r.error_samples + result.publish_error_samples),
+        ),
+        check("published some messages", published > 0, str(published)),
+        equal("no message received twice (unique keys)", len(keys) - len(set(keys)), 0),
+        equal("published messages never received (keys)", len(set(result.published_keys) - set(keys)), 0),
+        equal("received messages never published (keys)", len(set(keys) - set(result.published_keys)), 0),
+    ]
+    wrong = []
+    try:  # the figures are worth keeping even when the app is gone by now
+        for subscription, count in zip(subscriptions, result.published_by_subscription, strict=True):
+            m = run.metrics(subscription)
+            if (m["available"], m["delivered"], m["acked"]) != (0, 0, count):
+                wrong.append(f"{subscription}: available {m['available']}, delivered {m['delivered']}, "
+                             f"acked {m['acked']} of {count}")  # fmt: skip
+        for topic in topics:
+            run.drop(topic)
+    except (OSError, http.client.HTTPException, AppError) as error:
+        exited = run.app.exited()
+        wrong.append(
+            f"the API failed after the load: {type(error).__name__}: {error}"
+            + (f"; {exited}" if exited else "")
+        )
+    checks.append(check("each subscription: available = delivered = 0, acked = published", not wrong,
+                        "; ".join(wrong[:3])))  # fmt: skip
+
+    extra = longpoll_figures(result, plan, counter.source)
+    # Early empty answers count too: a server that declines without saying so must not pass.
+    declined = sum(
+        extra[f"{kind}_{phase}"] for kind in ("declined", "early") for phase in ("idle", "publish")
+    )
+    targets = args.targets == "on" or (args.targets == "auto" and not args.smoke)
+    if targets or DECLINED_HEADER:
+        checks.append(equal("declined or early empty consumes (idle + publish phases)", declined, 0))
+    if targets:
+        e2e = extra["e2e_ms"]
+        checks += [
+            below("e2e p50 ms", e2e["p50"], TARGET_E2E_P50_MS),
+            below("e2e p99 ms", e2e["p99"], TARGET_E2E_P99_MS),
+            below("claim statements per message", extra["claims_per_msg"], TARGET_CLAIMS_PER_MESSAGE),
+            below(
+                "server CPU % while idle with waiters", extra["server_cpu_pct_idle"], TARGET_IDLE_CPU_PERCENT
+            ),
+        ]
+    elif DECLINED_HEADER is None:
+        run.notes.append("longpoll: targets not checked (--targets), nor declined = 0 (no declined header)")
+    tally = Tally(
+        published=published,
+        consumed=len(keys),
+        requests=extra["consume_requests_publish"] + published + len(r.ack_latency),
+        claims=extra["consume_requests_publish"],
+        errors=r.errors + result.publish_errors,
+        error_samples=(r.error_samples + result.publish_error_samples)[:5],
+        latency={"publish": result.publish_latency, "ack": r.ack_latency},
+        e2e=array("d", r.e2e),
+    )
+    outcome = Outcome(tally=tally, elapsed=result.publish.elapsed, cpu=result.publish.cpu)
+    return outcome, published, checks, extra
+
+
+def below(name: str, value: float | None, limit: float) -> dict:
+    if value is None:
+        return check(f"{name} < {limit:g}", False, "not measured")
+    return check(f"{name} < {limit:g}", value < limit, f"{value:.2f}")
+
+
+def longpoll_figures(result: "lp.Result", plan: "lp.Plan", claim_source: str | None) -> dict:
+    """The JSON line's extra for longpoll: per phase, from the answers stamped within it."""
+    r = result.report
+    idle, publish = result.idle, result.publish
+
+    def answers(phase: "lp.Phase") -> tuple[int, int, int]:
+        within = [
+            kind for at, kind in zip(r.answer_at, r.answer_kind, strict=True) if phase.start <= at < phase.end
+        ]
+        return len(within), within.count(lp.DECLINED), within.count(lp.EARLY)
+
+    requests_idle, declined_idle, early_idle = answers(idle)
+    requests_publish, declined_publish, early_publish = answers(publish)
+    e2e = sorted(r.e2e)
+
+    def pick(q: float) -> float | None:
+        return round(e2e[min(len(e2e) - 1, int(q * len(e2e)))] * 1000, 1) if e2e else None
+
+    def pct(phase: "lp.Phase", name: str) -> float | None:
+        seconds = phase.cpu.get(name)
+        return None if seconds is None else round(100 * seconds / phase.elapsed, 1)
+
+    mib = 1024 * 1024
+    rss_idle, rss_waiting = result.rss_idle, result.rss_waiting
+    known_rss = rss_idle is not None and rss_waiting is not None
+    return {
+        "consumers": plan.consumers,
+        "subscriptions": len(plan.subscriptions),
+        "wait_seconds": plan.wait,
+        "rate": plan.rate,
+        "published": result.published,
+        "published_per_s": round(result.published / publish.elapsed, 1),
+        "received": len(r.keys),
+        "e2e_ms": {"p50": pick(0.5), "p99": pick(0.99), "max": round(e2e[-1] * 1000, 1) if e2e else None},
+        "declined_per_s": round(declined_publish / publish.elapsed, 1),
+        "declined_per_s_idle": round(declined_idle / idle.elapsed, 1),
+        "declined_by": (
+            f"header {plan.declined_header}: {plan.declined_value}"
+            if plan.declined_header
+            else "early empty (< wait/2)"
+        ),
+        # Empty before half the wait yet not declined by the header (0 without a header: declined).
+        "early_empty_per_s": round(early_publish / publish.elapsed, 1),
+        "early_empty_per_s_idle": round(early_idle / idle.elapsed, 1),
+        "consume_requests_per_s": round(requests_publish / publish.elapsed, 1),
+        "consume_requests_per_s_idle": round(requests_idle / idle.elapsed, 1),
+        "claims_per_msg": (
+            round(publish.claims / result.published, 2)
+            if publish.claims is not None and result.published
+            else None
+        ),
+        "claims_per_s_idle": None if idle.claims is None else round(idle.claims / idle.elapsed, 1),
+        "claims_counted_by": claim_source,
+        "server_cpu_pct_publish": pct(publish, "app"),
+        "server_cpu_pct_idle": pct(idle, "app"),
+        "pg_cpu_pct_publish": pct(publish, "postgres"),
+        "pg_cpu_pct_idle": pct(idle, "postgres"),
+        "loadgen_cpu_pct_publish": pct(publish, "loadgen"),
+        "loadgen_cpu_pct_idle": pct(idle, "loadgen"),
+        "server_rss_mib_idle": round(rss_idle / mib, 1) if rss_idle is not None else None,
+        "server_rss_mib_waiting": round(rss_waiting / mib, 1) if rss_waiting is not None else None,
+        "server_rss_kib_per_waiter": round((rss_waiting - rss_idle) / 1024 / plan.consumers, 1)
+        if known_rss
+        else None,
+        "server_waiting_at_idle_end": result.waiting,
+        "consumers_answered": r.connected,
+        "drained_in_s": round(result.drained_in, 2),
+        # Kept for the checks and the table; not figures of their own.
+        "declined_idle": declined_idle,
+        "declined_publish": declined_publish,
+        "early_idle": early_idle,
+        "early_publish": early_publish,
+        "consume_requests_publish": requests_publish,
+    }
 
 
 class SkipScenario(Exception):
@@ -603,4 +889,7 @@ SCENARIOS = {
     "mixed_poll": mixed_poll,
     "backlog": backlog,
     "rounds": rounds,
+    # Last: on a server that holds a thread per waiter, its waits outlive the scenario (up to
+    # --longpoll-wait seconds after the consumers hang up) and would take threads from the next.
+    "longpoll": longpoll,
 }
