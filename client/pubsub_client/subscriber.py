@@ -53,7 +53,7 @@ class Subscriber:
         handler: Callable[[Message], object],
         consumer_id: str | None = None,
         max_workers: int = 8,
-        max_outstanding: int = 100,
+        max_outstanding: int = 400,
         batch_size: int | None = None,
         wait_seconds: int = 20,
         max_extension_seconds: float = 3600,
@@ -91,6 +91,9 @@ class Subscriber:
         self._stop_lock = threading.Lock()
         self._stop_deadline = float("inf")  # the settling thread gives up on failed sends past it
         self._in_flight: list[InFlight] = []
+        self._idle = False  # the last pull found nothing: one pull thread long-polls, the others wait
+        self._poll_lock = threading.Lock()  # held by the pull thread that long-polls
+        self._activity = threading.Event()  # set when pulls bring messages again (or on stop)
         self._threads: dict[str, list[threading.Thread]] = {}
         self._started = False
 
@@ -146,6 +149,7 @@ class Subscriber:
                 self._stopped.set()
             return
         self._stop_event.set()
+        self._activity.set()
         with self._room:
             self._room.notify_all()
         me = threading.current_thread()
@@ -222,46 +226,71 @@ class Subscriber:
         failures = 0
         extend_every = self._ack_deadline - max(2.0, self._ack_deadline / 4)
         while not self._stopping:
-            with self._room:
-                while self._free < self._pull_at_least and not self._stopping:
-                    self._room.wait()
-                if self._stopping:
-                    return
-                count = min(self.batch_size, self._free)
-                self._free -= count
-            started = time.monotonic()
+            # While the subscription is empty, one pull thread waits in a long poll and the others
+            # wait for it: a server has few threads for waiting consumers (API_NUM_THREADS -
+            # LONG_POLL_RESERVED_THREADS per worker), and other subscribers need them too.
+            leads = False
+            if self._idle:
+                leads = self._poll_lock.acquire(blocking=False)
+                if not leads:
+                    self._activity.wait(1.0)
+                    continue
             try:
-                messages = self.client.consume(
-                    self.subscription, self.consumer_id, count, self.wait_seconds, in_flight=in_flight
-                )
+                messages, received, count = self._pull_once(in_flight)
             except Aborted:
-                self._release(count)
                 return
             except FATAL as error:
-                self._release(count)
                 self._fail(error)
                 return
             except Exception as error:  # the server restarting, unreachable, ...: try again
-                self._release(count)
                 failures += 1
                 delay = backoff_delay(min(failures, 6))
                 log.warning("consume from %s failed (%s); again in %.1fs", self.subscription, error, delay)
                 self._stop_event.wait(delay)
                 continue
+            finally:
+                if leads:
+                    self._poll_lock.release()
             failures = 0
-            received = time.monotonic()
-            if len(messages) < count:
-                self._release(count - len(messages))
             if not messages:
-                # A long poll answered early (the server's waiters are all busy), or a short poll
-                # that found nothing: pause, as the server asks, instead of asking again at once.
-                if not self.wait_seconds or received - started < self.wait_seconds / 2:
-                    self._stop_event.wait(random.uniform(0.1, 0.5))
+                if count and not self._idle:
+                    self._idle = True
+                    self._activity.clear()
                 continue
+            if self._idle:
+                self._idle = False
+                self._activity.set()
             self._new_leases.append(_Lease(messages, received, extend_every))
             put = self._queue.put
             for message in messages:
                 put(message)
+
+    def _pull_once(self, in_flight: InFlight) -> tuple[list[Message], float, int]:
+        """One consume of as many messages as there is room for (at least _pull_at_least): the
+        messages, when they arrived, and how many were asked for (0: stopping)."""
+        with self._room:
+            while self._free < self._pull_at_least and not self._stopping:
+                self._room.wait()
+            if self._stopping:
+                return [], 0.0, 0
+            count = min(self.batch_size, self._free)
+            self._free -= count
+        started = time.monotonic()
+        try:
+            messages = self.client.consume(
+                self.subscription, self.consumer_id, count, self.wait_seconds, in_flight=in_flight
+            )
+        except BaseException:
+            self._release(count)
+            raise
+        received = time.monotonic()
+        if len(messages) < count:
+            self._release(count - len(messages))
+        if not messages and (not self.wait_seconds or received - started < self.wait_seconds / 2):
+            # A long poll answered early (the server's waiters are all busy), or a short poll
+            # that found nothing: pause, as the server asks, instead of asking again at once.
+            self._stop_event.wait(random.uniform(0.1, 0.5))
+        return messages, received, count
 
     def _work(self) -> None:
         get, handler = self._queue.get, self.handler
