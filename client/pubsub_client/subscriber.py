@@ -166,7 +166,8 @@ class Subscriber:
         for _ in self._threads["workers"]:
             self._queue.put(None)
         for thread in self._threads["workers"]:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread is not me:  # a handler may call stop() itself
+                thread.join(max(0.0, deadline - time.monotonic()))
         self._workers_done.set()
         self._flush_now.set()
         for thread in self._threads["settlers"]:
