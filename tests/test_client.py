@@ -3,6 +3,7 @@ serve` on a loopback port, auth off and auth on; and against a scripted local HT
 what a real one does not do on demand (503s, lost answers, expiring tokens)."""
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +251,11 @@ class Script:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                if headers.get("X-Then-Close"):  # a kept-alive connection the server drops later
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)  # the FIN; what comes next is unread
+                    time.sleep(0.5)
+                    self.close_connection = True
 
             do_GET = do_POST = do_DELETE = handle_one
 
@@ -312,6 +318,15 @@ def test_a_publish_whose_answer_is_lost_is_not_sent_again(script):
         client.publish("orders", [{"n": 1}])
     assert caught.value.maybe_stored
     assert len(server.requests) == 1
+
+
+def test_a_publish_is_not_sent_on_a_kept_alive_connection_the_server_closed(script):
+    server = script([(201, {"X-Then-Close": "1"}, {"data": [{"id": "m1", "subscriptions": 1}]}), RECEIPT])
+    with Client(server.url) as client:
+        assert client.publish("orders", [{"n": 1}]) == ["m1"]
+        time.sleep(0.1)  # the server has closed it by now; the client still holds it
+        assert client.publish("orders", [{"n": 2}]) == ["m1"]
+    assert len(server.requests) == 2
 
 
 def test_a_read_whose_answer_is_lost_is_retried(script):

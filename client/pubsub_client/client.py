@@ -5,6 +5,7 @@ import http.client
 import json
 import logging
 import random
+import select
 import socket
 import threading
 import time
@@ -102,6 +103,15 @@ class InFlight:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether the server has closed this idle kept-alive connection (it is readable: EOF)."""
+    if conn.sock is None:
+        return True
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def backoff_delay(attempt: int, retry_after: float | None = None) -> float:
@@ -445,7 +455,7 @@ class Client:
         with self._idle_lock:
             while self._idle:
                 candidate, since = self._idle.pop()
-                if idempotent or now - since < SAFE_IDLE_SECONDS:
+                if (idempotent or now - since < SAFE_IDLE_SECONDS) and not dropped(candidate):
                     conn = candidate
                     break
                 stale.append(candidate)
