@@ -91,7 +91,9 @@ class Subscriber:
         self._stop_lock = threading.Lock()
         self._stop_deadline = float("inf")  # the settling thread gives up on failed sends past it
         self._in_flight: list[InFlight] = []
-        self._idle = False  # the last pull found nothing: one pull thread long-polls, the others wait
+        # Nothing pulled yet, or the last pull found nothing: one pull thread long-polls, the others
+        # wait for it to bring messages.
+        self._idle = True
         self._poll_lock = threading.Lock()  # held by the pull thread that long-polls
         self._activity = threading.Event()  # set when pulls bring messages again (or on stop)
         self._threads: dict[str, list[threading.Thread]] = {}
