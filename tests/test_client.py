@@ -555,6 +555,25 @@ def test_stop_finishes_running_handlers_and_gives_back_the_rest(ps):
     assert len(ps.consume("sub", "next", 100)) == 19  # nacked with no delay: available at once
 
 
+def test_a_handler_may_stop_its_own_subscriber(ps):
+    ps.create_subscription("sub", "orders")
+    ps.publish("orders", [{"n": n} for n in range(10)])
+    calls = []
+
+    def handle_one(message):
+        calls.append(message.id)
+        subscriber.stop()
+
+    subscriber = Subscriber(ps, "sub", handle_one, max_workers=1, wait_seconds=1)
+    subscriber.start().wait(WAIT)
+    assert len(calls) == 1
+    metrics = ps.metrics("sub")
+    assert (metrics["acked"], metrics["available"], metrics["delivered"]) == (1, 9, 0)
+    started = time.monotonic()
+    Subscriber(ps, "sub", handle_one).stop()  # never started: nothing to wait for
+    assert time.monotonic() - started < 1
+
+
 def test_stop_waits_for_a_long_poll_and_gives_back_what_it_brings(ps):
     """A cut long poll would still claim what arrives for it, leased to nobody."""
     ps.create_subscription("sub", "orders")

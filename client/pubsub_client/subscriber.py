@@ -104,7 +104,6 @@ class Subscriber:
     def start(self) -> "Subscriber":
         if self._started:
             return self
-        self._started = True
         try:
             self._ack_deadline = int(self.client.get_subscription(self.subscription)["ack_deadline_seconds"])
         except NotFoundError:
@@ -113,6 +112,7 @@ class Subscriber:
             log.info(
                 "assuming an ack deadline of %ds for %s (%s)", MIN_ACK_DEADLINE, self.subscription, error
             )
+        self._started = True
         name = f"pubsub-{self.subscription}"
         self._in_flight = [InFlight() for _ in range(self.pullers)]
         self._threads = {
@@ -140,22 +140,27 @@ class Subscriber:
         in flight is waited for (up to wait_seconds), and what it brings is nacked. Past
         timeout, it returns anyway: a pull still in flight is cut, handlers still running keep
         their messages leased (the leases lapse after the ack deadline)."""
+        me = threading.current_thread()
+        if any(me in threads for threads in self._threads.values()):
+            # Called by a handler (or a pull thread): its own outcome comes after this returns.
+            threading.Thread(target=self.stop, args=(timeout,), name="pubsub-stop", daemon=True).start()
+            return
         deadline = time.monotonic() + timeout
         with self._stop_lock:
             self._stop_deadline = min(self._stop_deadline, deadline)
             first = not self._stopping
             self._stopping = True
-        if not first or not self._started:
+        if not self._started:
+            self._stopped.set()
+            return
+        if not first:
             self._stopped.wait(timeout)
-            if not self._started:
-                self._stopped.set()
             return
         self._stop_event.set()
         self._activity.set()
         with self._room:
             self._room.notify_all()
-        me = threading.current_thread()
-        pullers = [t for t in self._threads["pullers"] if t is not me]
+        pullers = self._threads["pullers"]
         # A waiting long poll is left to end by itself (within wait_seconds): the server would
         # still claim messages for a cut one, and they would stay leased to nobody until their
         # ack deadline. What it brings is nacked at once, as every message not started.
@@ -168,8 +173,7 @@ class Subscriber:
         for _ in self._threads["workers"]:
             self._queue.put(None)
         for thread in self._threads["workers"]:
-            if thread is not me:  # a handler may call stop() itself
-                thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._workers_done.set()
         self._flush_now.set()
         for thread in self._threads["settlers"]:
