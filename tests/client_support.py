@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -47,7 +48,6 @@ import pubsub_client  # noqa: E402
 FLASK = str(Path(sys.executable).parent / "flask")
 START_TIMEOUT = 40.0  # seconds for serve to answer /liveness
 STOP_TIMEOUT = 25.0  # above gunicorn's graceful_timeout (20 s)
-ORPHAN_TIMEOUT = 10.0  # seconds for workers to notice their master was killed
 
 
 def value_of(payload: object) -> str | None:
@@ -98,30 +98,18 @@ class Server:
         wait_until_live(self.process, self.port, self.log)
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """SIGTERM: serve passes it to gunicorn, which finishes its requests and exits. SIGKILL:
-        to the gunicorn master only, as if it crashed; its workers exit once they see it gone
-        (bounded: then they are killed too). Either way, nothing of it is left on return."""
-        import psutil
-
+        """SIGTERM: serve passes it to gunicorn, which finishes its requests and exits. SIGKILL: to
+        every process of the server at once (serve, the gunicorn master, its workers), as a crash:
+        requests in flight are cut. (Killing the master alone leaves its workers serving until
+        they notice, then finishing their requests: up to a long poll's 20 s.) Either way, nothing
+        of it is left on return."""
         from tests.test_serve import stop_group
 
         if not self.running:
             return
         if signum == signal.SIGKILL:
-            serve = psutil.Process(self.process.pid)
-            masters = serve.children()
-            workers = [w for m in masters for w in m.children()]
-            for master in masters:
-                master.kill()
-            _, alive = psutil.wait_procs(workers, timeout=ORPHAN_TIMEOUT)
-            for worker in alive:
-                worker.kill()
-            psutil.wait_procs(alive, timeout=5)
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        stop_group(self.process)  # SIGTERM's path, and a backstop for SIGKILL's
+            os.killpg(self.process.pid, signal.SIGKILL)
+        stop_group(self.process)  # SIGTERM, and a bounded wait; then SIGKILL to what is left
 
     def restart(self, signum: int = signal.SIGTERM) -> None:
         self.stop(signum)
@@ -326,15 +314,23 @@ def payload(name: str, n: int) -> dict:
 
 
 def record_publish_future(
-    history: History, name: str, topic: str, body: dict, t0: float, future: Future
+    history: History,
+    name: str,
+    topic: str,
+    body: dict,
+    t0: float,
+    future: Future,
+    errors: Counter | None = None,
 ) -> None:
-    """Record one Publisher message's outcome when its future resolves."""
+    """Record one Publisher message's outcome when its future resolves (and count its error)."""
 
     def done(future: Future) -> None:
         error = future.exception()
+        if error is not None and errors is not None:
+            errors[repr(error)[:200]] += 1
         status = 204 if error is None else status_of(error)
-        if status is not None and status < 400:
-            status = None
+        if error is not None and status is not None and status < 400:
+            status = None  # an error, yet a 2xx or 3xx: treat as unknown
         history.record_publish(Publish(name, topic, [body["value"]], [body], status, t0, time.monotonic()))
 
     future.add_done_callback(done)
@@ -350,6 +346,7 @@ def publish_all(
     pause_every: int = 0,
     pause: float = 0.0,
     stop: Callable[[], bool] = lambda: False,
+    errors: Counter | None = None,
 ) -> list[Future]:
     """Feed a Publisher `count` messages, one publish() call each, recording each message's
     outcome; optionally pausing `pause` s every `pause_every` messages (a steady stream)."""
@@ -360,7 +357,7 @@ def publish_all(
         body = payload(name, n)
         t0 = time.monotonic()
         future = publisher.publish(body)
-        record_publish_future(history, name, topic, body, t0, future)
+        record_publish_future(history, name, topic, body, t0, future, errors)
         futures.append(future)
         if pause_every and n % pause_every == 0:
             time.sleep(pause)
@@ -468,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         max_outstanding=args.max_outstanding,
         wait_seconds=args.wait_seconds,
     )
-    pubsub_client.install_signal_handlers(subscriber)  # SIGTERM and SIGINT: stop()
+    subscriber.install_signal_handlers()  # SIGTERM and SIGINT: stop(), from the client
     subscriber.start()
     # A bound, should the test die first: stop by ourselves.
     timer = threading.Timer(args.seconds, subscriber.stop)
