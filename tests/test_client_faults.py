@@ -43,6 +43,10 @@ from tests.test_serve import free_port
 pytestmark = pytest.mark.slow
 
 ACK_DEADLINE = MIN_ACK_DEADLINE_SECONDS  # 10 s: the least the server allows
+# Subscribers long-poll for 2 s: stop() lets a waiting long poll end by itself (a cut one would
+# leave what the server claims for it leased to nobody), so it takes up to wait_seconds; and the
+# server's graceful stop (SIGTERM) waits for the long polls in flight.
+WAIT_SECONDS = 2
 FAST_RETRIES = {"max_delivery_attempts": 50, "backoff_min_seconds": 1, "backoff_max_seconds": 1}
 
 
@@ -90,11 +94,24 @@ def live(server, cluster) -> Server:
 
 
 @pytest.fixture
-def client(live) -> Iterator["pc.Client"]:
-    """Overrides conftest's (Flask's test client): the pubsub_client Client on the live server."""
-    client = pc.Client(live.url)
-    yield client
-    client.close()
+def connect(live) -> Iterator:
+    """Make pubsub_client Clients of the live server (options as Client's); closed at the end.
+    Ask for it before `subscribers`, so that their subscribers stop first."""
+    made: list = []
+
+    def make(**options) -> "pc.Client":
+        made.append(pc.Client(live.url, **options))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client(connect) -> "pc.Client":
+    """Overrides conftest's (Flask's test client): a pubsub_client Client of the live server."""
+    return connect()
 
 
 @pytest.fixture
@@ -129,6 +146,7 @@ def start_subscriber(
     subscribers: list, client, subscription: str, handled: Handled, name: str, handler, **options
 ):
     """A Subscriber named `name` (its consumer id) whose handler calls `handled` records."""
+    options = {"wait_seconds": WAIT_SECONDS, **options}
     subscriber = pc.Subscriber(client, subscription, handled.wrap(name, handler), consumer_id=name, **options)
     subscribers.append(subscriber)
     subscriber.start()
@@ -138,6 +156,7 @@ def start_subscriber(
 def start_process(processes: dict, tmp_path: Path, url: str, subscription: str, name: str, **options):
     """A subscriber process; returns its journal and its handler-call journal."""
     journal, handled = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.handled.jsonl"
+    options = {"wait_seconds": WAIT_SECONDS, **options}
     command = subscriber_command(url, subscription, name, journal, handled, **options)
     with (tmp_path / f"{name}.log").open("ab") as log:
         processes[name] = subprocess.Popen(
@@ -253,7 +272,7 @@ def test_a_handler_that_always_raises_sends_its_message_to_the_dlq_after_max_del
 
 
 def test_a_handler_three_times_longer_than_the_ack_deadline_keeps_its_lease_and_is_not_redelivered(
-    live, client, history, subscribers, workers
+    live, client, connect, history, subscribers, workers
 ):
     create(client, history, "slow", **FAST_RETRIES)
     counts = record_client(history, client)
@@ -266,7 +285,7 @@ def test_a_handler_three_times_longer_than_the_ack_deadline_keeps_its_lease_and_
     start_subscriber(subscribers, client, "slow", handled, "s1", handler, max_workers=4)
     assert wait_for(lambda: len(handled.calls) == 3, 10), handled.calls
     # A rival polls all along: a lapsed lease would hand it a message.
-    rival = pc.Client(live.url)
+    rival = connect()
     record_client(history, rival)
     got: list = []
 
@@ -276,16 +295,15 @@ def test_a_handler_three_times_longer_than_the_ack_deadline_keeps_its_lease_and_
             time.sleep(0.25)
 
     workers.start("rival", poll)
-    try:
-        assert wait_for(lambda: all(c.t1 is not None for c in handled.calls), 3 * ACK_DEADLINE + 15)
-        workers.join(timeout=10)
-    finally:
-        rival.close()
+    ended = wait_for(lambda: all(c.t1 is not None for c in handled.calls), 3 * ACK_DEADLINE + 15)
+    workers.join(timeout=10)
     subscribers[0].stop(timeout=15)
 
-    assert got == [], [m.payload for m in got]
-    assert [(c.attempts, c.outcome) for c in handled.calls] == [(1, "ok")] * 3
-    assert counts["extend"] >= 2, counts  # at least two extensions each 10 s... in one call per batch
+    # No lease lapsed: neither the rival nor the subscriber itself got a message again.
+    assert got == [], f"the rival got {[m.payload for m in got]}; handler calls {handled.calls}"
+    assert [c.attempts for c in handled.calls] == [1, 1, 1], handled.calls
+    assert ended and [c.outcome for c in handled.calls] == ["ok"] * 3, handled.calls
+    assert counts["extend"] >= 2, counts  # 30 s on a 10 s deadline: extended at least twice
     assert_clean(history, live.port, ["slow"])
     assert not [d for d in history.deliveries if d.consumer.startswith("drain-")]
     assert history.final_metrics["slow"]["acked"] == 3
@@ -297,17 +315,19 @@ LOAD_SECONDS = 1.5  # of load between disruptions
 
 
 def test_server_and_postgresql_restarted_mid_stream_lose_nothing_and_the_subscriber_recovers(
-    live, cluster, client, history, subscribers, workers
+    live, cluster, client, connect, history, subscribers, workers
 ):
     create(client, history, "restart", **FAST_RETRIES)
+    # One retry per call: the outages outlast the client's own retries, so what is tested is how
+    # the Subscriber recovers (and how the Publisher's batches fail), not the retry loop.
+    client = connect(max_retries=1)
     counts = record_client(history, client)
     handled = Handled()
 
     def handler(message) -> None:
         time.sleep(0.002)
 
-    # Long polls of 5 s, not 20: gunicorn's graceful stop (SIGTERM) waits for those in flight.
-    start_subscriber(subscribers, client, "restart", handled, "s1", handler, max_workers=8, wait_seconds=5)
+    start_subscriber(subscribers, client, "restart", handled, "s1", handler, max_workers=8)
     publisher = pc.Publisher(client, "restart")
     errors = Counter()
     # About 1000 messages a second, one publish() call each, until stopped.
@@ -447,7 +467,7 @@ def test_a_subscriber_process_stopped_with_sigterm_finishes_its_handlers_and_lea
     assert metrics["delivered"] == 0, metrics  # nothing left leased: acked or nacked before exit
     calls = Handled.load(handled_journal)
     assert calls and all(c.outcome == "ok" for c in calls), calls  # every started handler finished
-    assert exited - signalled < handler_seconds + 5
+    assert exited - signalled < handler_seconds + WAIT_SECONDS + 3  # its handlers, a long poll, the acks
     history.load_journal(journal)
     done = {c.value for c in calls}
     assert metrics["acked"] == len(done)
