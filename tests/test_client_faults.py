@@ -11,6 +11,7 @@ thread and subscriber it started, even when it fails. Ack deadlines are the serv
 (10 s) so that lapsed leases come back quickly.
 """
 
+import os
 import signal
 import subprocess
 import time
@@ -57,8 +58,6 @@ def clean_tables() -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[TempCluster]:
-    import os
-
     cluster = TempCluster(bin_dir=os.environ.get("PUBSUB_TEST_PG_BIN") or None)
     try:
         cluster.start()
