@@ -691,18 +691,8 @@ def test_waiting_consumers_take_no_thread_that_serves_requests(database_url, pg,
     try:
         with serving(env, log) as process:
             wait_until_live(process, port, log)
-            assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
             assert http_request(port, "POST", "/topics", {"id": "other"})[0] == 201
-            body = {"id": "sub", "topic_id": "orders"}
-            assert http_request(port, "POST", "/subscriptions", body)[0] == 201
-
-            waiters = [
-                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=8&batch_size=1")
-                for i in range(40)
-            ]
-            for waiter in waiters:
-                waiter.start()
-            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 40, 10, "40 waiting consumers")
+            waiting_on_server(port, 40, "wait_seconds=8&batch_size=1", waiters)
             assert all(w.is_alive() for w in waiters)
 
             # Meanwhile the two request threads answer everything else quickly.
@@ -736,6 +726,20 @@ def test_waiting_consumers_take_no_thread_that_serves_requests(database_url, pg,
     finally:
         for waiter in waiters:
             waiter.join(JOIN_TIMEOUT)
+
+
+def waiting_on_server(port: int, count: int, query: str, waiters: list[HttpWaiter]) -> None:
+    """Topic orders, its subscription sub, and `count` consumers long-polling it (`query`), added
+    to `waiters` (for the caller to join, whatever happens) and all waiting."""
+    assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+    assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+    path = "/subscriptions/sub/messages?consumer_id="
+    for i in range(count):
+        waiters.append(HttpWaiter(port, f"{path}c{i}&{query}"))
+        waiters[-1].start()
+    wait_for(
+        lambda: metric_value(port, "pubsub_long_poll_waiting") == count, 10, f"{count} waiting consumers"
+    )
 
 
 def metric_value(port: int, name: str) -> float:
@@ -778,15 +782,7 @@ def test_two_workers_wake_about_one_waiter_per_published_message(database_url, t
     try:
         with serving(env, log) as process:
             wait_until_live(process, port, log)
-            assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
-            assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
-            waiters = [
-                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=6&batch_size=1")
-                for i in range(30)
-            ]
-            for waiter in waiters:
-                waiter.start()
-            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 30, 10, "30 waiting consumers")
+            waiting_on_server(port, 30, "wait_seconds=6&batch_size=1", waiters)
             time.sleep(0.3)  # every first claim is counted
             before = metric_value(port, "pubsub_claims_total")
             for n in range(10):
@@ -813,15 +809,7 @@ def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_url, t
     try:
         with serving(env, log) as process:
             wait_until_live(process, port, log)
-            assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
-            assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
-            waiters = [
-                HttpWaiter(port, f"/subscriptions/sub/messages?consumer_id=c{i}&wait_seconds=20")
-                for i in range(10)
-            ]
-            for waiter in waiters:
-                waiter.start()
-            wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 10, 10, "10 waiting consumers")
+            waiting_on_server(port, 10, "wait_seconds=20", waiters)
             stopped = time.monotonic()
             process.send_signal(signal.SIGTERM)
             for w in waiters:

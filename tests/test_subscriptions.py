@@ -1,5 +1,7 @@
 import pytest
 
+from pubsub import blueprints
+
 
 @pytest.fixture
 def orders(api):
@@ -199,3 +201,18 @@ def test_operations_on_missing_subscription_are_404(client, method, path):
     response = getattr(client, method)(path, **kwargs)
     assert response.status_code == 404
     assert response.json == {"detail": "Subscription not found"}
+
+
+def test_query_strings_load_alike_every_time_and_a_refused_one_is_never_kept(api, client, monkeypatch):
+    monkeypatch.setattr(blueprints, "QUERY_CACHE_SIZE", 3)
+    blueprints._query_cache.clear()
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders")
+    api.publish("orders", [{"n": n} for n in range(10)])
+    for batch_size, expected in ((2, 2), (3, 3), (2, 2), (1, 1)):
+        response = client.get(f"/subscriptions/sub/messages?consumer_id=c&batch_size={batch_size}")
+        assert response.status_code == 200 and len(response.get_json()["data"]) == expected
+    for _ in range(2):
+        response = client.get("/subscriptions/sub/messages?consumer_id=c&batch_size=500")
+        assert response.status_code == 422, response.get_json()
+    assert len(blueprints._query_cache) <= 3
