@@ -13,6 +13,7 @@ also when a test fails.
 
 import http.client
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -821,3 +822,25 @@ def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_url, t
     finally:
         for waiter in waiters:
             waiter.join(JOIN_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_a_long_poll_its_client_gave_up_on_claims_nothing(database_url, tmp_path):
+    """A consumer that hangs up while waiting: the publish that wakes its poll is claimed by
+    someone still there, not leased to no one until the ack deadline."""
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="1")
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+        assert http_request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+        gone = socket.create_connection(("127.0.0.1", port))
+        path = b"/subscriptions/sub/messages?consumer_id=gone&wait_seconds=20"
+        gone.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 1, 10, "the poll waiting")
+        gone.close()
+        time.sleep(0.3)
+        assert http_request(port, "POST", "/topics/orders/messages", [{"n": 1}])[0] == 204
+        wait_for(lambda: metric_value(port, "pubsub_long_poll_waiting") == 0, 5, "the poll to end")
+        status, body, _ = http_get(port, "/subscriptions/sub/messages?consumer_id=here")
+        assert status == 200 and [m["payload"] for m in body["data"]] == [{"n": 1}]

@@ -1,8 +1,10 @@
 """Subscriptions: their lifecycle, consuming, acks, nacks, the DLQ and metrics."""
 
+import select
+import socket
 import time
 
-from flask import current_app
+from flask import current_app, request
 from flask.views import MethodView
 
 from pubsub import auth, db, listener, messages, observability, slots, subscriptions
@@ -103,6 +105,25 @@ def consume(subscription_id: str, query: dict) -> list:
         return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"], token)
 
 
+def client_gone() -> bool:
+    """Whether the client has closed its connection: a long poll it gave up on, whose claim
+    would lease messages to no one until their ack deadline."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        # Readable with nothing to read: the other end has closed (a pipelined request is data).
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # a TLS socket cannot peek
+        return False
+    except OSError:  # reset
+        return True
+
+
 def consume_waiting(subscription_id: str, query: dict) -> list | None:
     """Long poll: claim, then again each time the listener wakes this consume, until messages
     come or the wait is over; None when this process has as many waiters as it allows. While
@@ -133,6 +154,8 @@ def consume_waiting(subscription_id: str, query: dict) -> list | None:
                 claim = waiter.event.wait(remaining)
             if waits.releasing:
                 return []  # the server is stopping: the consumer asks again, elsewhere or later
+            if claim and client_gone():
+                return []  # its wake-up goes to another waiter (listener.leave)
     finally:
         waits.leave(waiter)
         observability.LONG_POLL_WAITING.dec()
