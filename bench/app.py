@@ -65,26 +65,30 @@ def fetch_token(base_url: str, client_id: str, client_secret: str) -> str:
     return body["access_token"]
 
 
-def tree_cpu_seconds(roots: list[psutil.Process]) -> float:
-    """CPU seconds used so far by these processes, their live descendants, and the descendants
-    they already reaped (children_user/system): differences of two readings are exact even when
-    processes come and go in between, as PostgreSQL backends and overflow connections do."""
-    seen: set[int] = set()
-    total = 0.0
+def tree_processes(roots: list[psutil.Process]) -> list[psutil.Process]:
+    """These processes and their live descendants, each once."""
+    seen: dict[int, psutil.Process] = {}
     for root in roots:
         try:
             processes = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             continue
         for process in processes:
-            if process.pid in seen:
-                continue
-            seen.add(process.pid)
-            try:
-                t = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
+            seen.setdefault(process.pid, process)
+    return list(seen.values())
+
+
+def tree_cpu_seconds(roots: list[psutil.Process]) -> float:
+    """CPU seconds used so far by these processes, their live descendants, and the descendants
+    they already reaped (children_user/system): differences of two readings are exact even when
+    processes come and go in between, as PostgreSQL backends and overflow connections do."""
+    total = 0.0
+    for process in tree_processes(roots):
+        try:
+            t = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
     return total
 
 

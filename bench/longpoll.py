@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import orjson
 import psutil
 
+from bench.app import tree_processes
 from bench.load import IDLE_RECONNECT, HttpClient, machine_busy_seconds
 
 CONSUMERS_PER_PROC = 500
@@ -454,20 +455,12 @@ def tree_rss(roots: list[psutil.Process]) -> int | None:
     """Resident memory of these processes and their descendants, bytes (None if none)."""
     if not roots:
         return None
-    total, seen = 0, set()
-    for root in roots:
+    total = 0
+    for process in tree_processes(roots):
         try:
-            processes = [root, *root.children(recursive=True)]
+            total += process.memory_info().rss
         except psutil.NoSuchProcess:
-            continue
-        for process in processes:
-            if process.pid in seen:
-                continue
-            seen.add(process.pid)
-            try:
-                total += process.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
+            pass
     return total
 
 
