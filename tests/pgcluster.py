@@ -161,8 +161,13 @@ class TempCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "TempCluster":
-        """`with TempCluster() as cluster:` runs the block with the server started."""
-        self.start()
+        """`with TempCluster() as cluster:` runs the block with the server started; a server that
+        fails to start is cleaned up too."""
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -58,12 +58,8 @@ def clean_tables() -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[TempCluster]:
-    cluster = TempCluster(bin_dir=os.environ.get("PUBSUB_TEST_PG_BIN") or None)
-    try:
-        cluster.start()
+    with TempCluster(bin_dir=os.environ.get("PUBSUB_TEST_PG_BIN") or None) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture(scope="module")
