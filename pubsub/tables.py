@@ -13,7 +13,7 @@ Design notes (the performance issue holds these to numbers):
   Fan-out is usually to a handful of subscriptions and payloads are small, while a shared table
   would need a join on every claim and a reference count or a garbage-collection pass on every
   ack (each copy is acked independently). Copies make ack a single-row delete and claim a
-  single-table read. A message's copies share its id (the key is (subscription_id, id)), so a
+  single-table read. A message's copies share its id (the key is (id, subscription_id)), so a
   publish receipt names the id that every subscription delivers. Nothing indexes the payload:
   filters are evaluated once, at publish time.
 * ``subscription_messages`` has no foreign key to ``subscriptions``: the per-row RI trigger and
@@ -82,9 +82,9 @@ subscriptions = sa.Table(
 subscription_messages = sa.Table(
     "subscription_messages",
     metadata,
-    sa.Column("subscription_id", sa.Text, primary_key=True),
+    sa.Column("subscription_id", sa.Text, nullable=False),
     # One id per published message, shared by its copies in every subscription.
-    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("id", UUID(as_uuid=True), nullable=False),
     # Publish order, for ties in available_at and a stable total order in DLQ listings.
     sa.Column("seq", sa.BigInteger, sa.Identity(always=True), nullable=False),
     sa.Column("payload", JSONB, nullable=False),
@@ -101,6 +101,10 @@ subscription_messages = sa.Table(
     sa.Column("lease", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.CheckConstraint(f"state IN ({AVAILABLE}, {DELIVERED}, {DLQ})", name="state"),
+    # Led by id, so that it serves lookups by id (which name both columns) and nothing else: led
+    # by subscription_id, it could serve a claim too, read the whole backlog and sort it, and did
+    # whenever the statistics estimated the subscription at one row (migration 0006).
+    sa.PrimaryKeyConstraint("id", "subscription_id"),
     # Claim: WHERE subscription_id = ? AND state IN (0, 1) AND available_at <= now()
     # ORDER BY available_at, seq. Also serves the metrics counts and the DLQ listing.
     sa.Index("ix_subscription_messages_claim", "subscription_id", "state", "available_at", "seq"),

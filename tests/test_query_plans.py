@@ -405,6 +405,28 @@ STATES: dict[str, Callable[[sa.Engine], None]] = {
 }
 
 
+LEADING_COLUMNS = """
+SELECT index.relname, attribute.attname
+FROM pg_index
+JOIN pg_class AS index ON index.oid = pg_index.indexrelid
+JOIN pg_attribute AS attribute ON attribute.attrelid = pg_index.indrelid
+                              AND attribute.attnum = pg_index.indkey[0]
+WHERE pg_index.indrelid = 'subscription_messages'::regclass
+"""
+
+
+def test_only_the_claim_index_leads_with_the_subscription(template):
+    """When the statistics estimate a subscription at one row (a new one, the table analyzed with
+    no live rows), every index led by subscription_id costs about the same for a claim, and the
+    B-trees' heights decide: an index with anything but (state, available_at, seq) after it reads
+    the whole backlog and sorts it. The states below cannot pin the heights, so this checks that
+    no such index exists (migration 0006)."""
+    with psycopg.connect(libpq_url(template)) as conn:
+        leading = dict(conn.execute(LEADING_COLUMNS).fetchall())
+    led_by_subscription = sorted(name for name, column in leading.items() if column == "subscription_id")
+    assert led_by_subscription == ["ix_subscription_messages_claim"], leading
+
+
 @pytest.fixture(scope="module")
 def template(server_url: str) -> Iterator[str]:
     """A migrated database with nothing in it, for each state to start from."""
