@@ -19,6 +19,7 @@ Statements are prepared with the parameter types psycopg sends and explained in 
 that is rolled back.
 """
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from psycopg.adapt import AdaptersMap, PyFormat
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
 
-from pubsub import create_app, db, messages, subscriptions, topics
+from pubsub import create_app, db, messages, operations, subscriptions, topics
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 from tests.conftest import new_database
 
@@ -462,6 +463,22 @@ def by_id(state: PlanState, ids: list[str], **params) -> dict:
     return {"subscription_id": TARGET, "ids": messages.uuid_array(ids), "leases": None, **NO_TOKEN, **params}
 
 
+FUTURE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # `before` that every message matches
+
+
+def chunk(state: int, **params) -> dict:
+    """The parameters of an operator's first chunk of BATCH messages of TARGET in a state."""
+    after_at, after_seq = operations.FIRST_KEY
+    return {
+        "subscription_id": TARGET,
+        "state": state,
+        "after_at": after_at,
+        "after_seq": after_seq,
+        "chunk": BATCH,
+        **params,
+    }
+
+
 # name: (statement, parameters, whether it looks messages up by id)
 LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
     "claim": lambda s: (
@@ -479,6 +496,14 @@ LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
         {"subscription_id": TARGET, "offset": 0, "limit": BATCH},
         False,
     ),
+    "dead_letter": lambda s: (messages.DEAD_LETTER, by_id(s, s.delivered[:BATCH]), True),
+    # The operators' chunks (pubsub.operations), a chunk of BATCH each, from the start of a range.
+    "purge_available": lambda s: (operations.PURGE_BACKLOG, chunk(AVAILABLE, before=None), True),
+    "purge_delivered": lambda s: (operations.PURGE_BACKLOG, chunk(DELIVERED, before=None), True),
+    "purge_before": lambda s: (operations.PURGE_BACKLOG, chunk(AVAILABLE, before=FUTURE), True),
+    "purge_dlq": lambda s: (operations.PURGE_DLQ, chunk(DLQ), True),
+    "purge_dlq_ids": lambda s: (operations.PURGE_DLQ_IDS, by_id(s, s.dead), True),
+    "redrive": lambda s: (operations.REDRIVE, chunk(DLQ), True),
 }
 
 
