@@ -333,13 +333,22 @@ def test_a_purge_skips_a_message_locked_right_now_instead_of_waiting(sub, api, c
 # --- PATCH /subscriptions/{id} -----------------------------------------------------------------
 
 
-def test_patch_changes_only_the_fields_sent_and_answers_as_get(sub, client):
-    response = client.patch(
-        "/subscriptions/sub", json={"max_delivery_attempts": 2, "ack_deadline_seconds": 30}
-    )
-    assert response.status_code == 200
-    assert response.json == client.get("/subscriptions/sub").json
-    assert response.json == {**sub, "max_delivery_attempts": 2, "ack_deadline_seconds": 30}
+def test_patch_changes_only_the_fields_sent_and_answers_as_get(api, client):
+    api.create_topic("orders")
+    custom = {
+        "filter": {"country": ["BR"]},
+        "max_delivery_attempts": 3,
+        "backoff_min_seconds": 2,
+        "backoff_max_seconds": 20,
+        "ack_deadline_seconds": 45,
+    }
+    created = api.create_subscription("custom", "orders", **custom)
+    for change in ({"max_delivery_attempts": 7}, {"ack_deadline_seconds": 30}, {"backoff_min_seconds": 3}):
+        response = client.patch("/subscriptions/custom", json=change)
+        assert response.status_code == 200
+        assert response.json == client.get("/subscriptions/custom").json
+        created.update(change)
+        assert response.json == created
 
 
 def test_an_empty_patch_changes_nothing(sub, client):
