@@ -407,9 +407,18 @@ def test_a_bad_patch_is_422_and_changes_nothing(sub, client, body, field):
     assert client.get("/subscriptions/sub").json == sub
 
 
-@pytest.mark.parametrize(("body", "status"), [(b"[]", 422), (b"{", 400), (b"null", 422)])
-def test_a_patch_body_that_is_no_object_is_a_4xx(sub, client, body, status):
-    response = client.patch("/subscriptions/sub", data=body, content_type="application/json")
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"[]", "application/json", 422),
+        (b"{", "application/json", 400),
+        (b"null", "application/json", 422),
+        (b"", "application/json", 400),
+        (b'{"max_delivery_attempts": 2}', "text/plain", 415),
+    ],
+)
+def test_a_patch_body_that_is_no_json_object_is_a_4xx(sub, client, body, content_type, status):
+    response = client.patch("/subscriptions/sub", data=body, content_type=content_type)
     assert response.status_code == status
     assert response.json["detail"]
 

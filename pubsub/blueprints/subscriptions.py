@@ -217,9 +217,11 @@ class Subscription(MethodView):
     @blp.arguments(SubscriptionUpdateSchema(partial=True))
     @blp.response(200, SubscriptionSchema)
     @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")
     @blp.doc(**{"x-pubsub-extension": True})
     def patch(self, changes, id):
         """Change the filter, retry policy or ack deadline. Extension to the fastpubsub API."""
+        read_json_body()  # no body, or one not declared as JSON, is no change of nothing: 400, 415
         with db.begin() as conn:
             return subscriptions.update_subscription(conn, id, changes)
 
