@@ -20,12 +20,15 @@ them.
 """
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 
 from pubsub.messages import KEYS, NOTIFY_CHANNEL, ensure_subscription, uuid_array
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
+
+log = logging.getLogger(__name__)
 
 # The first key of a subscription's range of one state: every (available_at, seq) is after it.
 FIRST_KEY = (dt.datetime.min.replace(tzinfo=dt.UTC), 0)
@@ -130,7 +133,9 @@ def run_chunks(
 def redrive_dlq(conn: sa.Connection, subscription_id: str, chunk_rows: int, limit: int | None = None) -> int:
     """Move dead letters back to the queue, available now with their attempts reset: all of them,
     or the first `limit` in the DLQ's order (the oldest dead first). Returns how many."""
-    return run_chunks(conn, REDRIVE, subscription_id, [DLQ], chunk_rows, limit)
+    count = run_chunks(conn, REDRIVE, subscription_id, [DLQ], chunk_rows, limit)
+    log.info("redrove %d dead letters of %s", count, subscription_id)
+    return count
 
 
 def purge_dlq(
@@ -138,10 +143,13 @@ def purge_dlq(
 ) -> int:
     """Delete dead letters: all of them, or those named. Returns how many."""
     if ids is None:
-        return run_chunks(conn, PURGE_DLQ, subscription_id, [DLQ], chunk_rows)
-    count = conn.execute(PURGE_DLQ_IDS, {"subscription_id": subscription_id, "ids": uuid_array(ids)}).rowcount
-    if not count:
-        ensure_subscription(conn, subscription_id)
+        count = run_chunks(conn, PURGE_DLQ, subscription_id, [DLQ], chunk_rows)
+    else:
+        params = {"subscription_id": subscription_id, "ids": uuid_array(ids)}
+        count = conn.execute(PURGE_DLQ_IDS, params).rowcount
+        if not count:
+            ensure_subscription(conn, subscription_id)
+    log.info("purged %d dead letters of %s", count, subscription_id)
     return count
 
 
@@ -150,4 +158,10 @@ def purge_backlog(
 ) -> int:
     """Delete the available and delivered messages (not the dead letters), or only those
     published before `before`. Returns how many."""
-    return run_chunks(conn, PURGE_BACKLOG, subscription_id, [AVAILABLE, DELIVERED], chunk_rows, before=before)
+    count = run_chunks(
+        conn, PURGE_BACKLOG, subscription_id, [AVAILABLE, DELIVERED], chunk_rows, before=before
+    )
+    log.info(
+        "purged %d messages of %s%s", count, subscription_id, f" published before {before}" if before else ""
+    )
+    return count
