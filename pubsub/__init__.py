@@ -48,8 +48,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     encoding.init_app(app)
     from pubsub.blueprints import clients, health, oauth, subscriptions, topics
 
-    # Inside the request observer, so that direct publishes get a request id and are counted.
-    app.wsgi_app = topics.DirectPublish(app, app.wsgi_app)
+    # Inside the request observer, so that direct publishes and consumes get a request id and
+    # are counted.
+    app.wsgi_app = subscriptions.DirectConsume(app, topics.DirectPublish(app, app.wsgi_app))
     observability.init_app(app)
     api = PubSubApi(app)
     auth.init_app(app, api)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
-from flask import Flask, current_app, g, has_request_context
+from flask import Flask, current_app, g, has_app_context
 
 log = logging.getLogger(__name__)
 _engine_lock = threading.Lock()
@@ -142,7 +142,8 @@ def connect() -> Iterator[sa.Connection]:
 
 
 def run_checks(conn: sa.Connection) -> None:
-    if has_request_context():
+    # An app context, not only a request's: DirectConsume queues its request's checks in its own.
+    if has_app_context():
         for check in g.pop("pending_checks", ()):
             check(conn)
 
@@ -158,7 +159,7 @@ def take_pending(kind: type) -> Callable | None:
     """Take the request's queued check of this kind off the queue and return it, for a statement
     that makes the check itself (e.g. auth.RevocationCheck in the publish statement); None if
     there is none."""
-    pending = g.get("pending_checks", ()) if has_request_context() else ()
+    pending = g.get("pending_checks", ()) if has_app_context() else ()
     for check in pending:
         if isinstance(check, kind):
             pending.remove(check)

@@ -30,12 +30,15 @@ JSON = "application/json"
 
 
 class Routed:
-    """An app's test client, counting the requests that reached Flask."""
+    """An app's test client, counting the requests that reached Flask: as built, or with its
+    direct paths (DirectConsume, DirectPublish) taken out, so that Flask answers everything."""
 
     def __init__(self, app, direct: bool):
-        observer = app.wsgi_app  # RequestObserver(DirectPublish(Flask.wsgi_app))
-        self.direct_publish = observer.wsgi_app
-        flask_app = self.direct_publish.wsgi_app
+        observer = app.wsgi_app  # RequestObserver(DirectConsume(DirectPublish(Flask.wsgi_app)))
+        innermost = observer
+        while hasattr(innermost.wsgi_app, "wsgi_app"):
+            innermost = innermost.wsgi_app
+        flask_app = innermost.wsgi_app
         self.reached_flask = 0
 
         def counted(environ, start_response):
@@ -43,13 +46,13 @@ class Routed:
             return flask_app(environ, start_response)
 
         if direct:
-            self.direct_publish.wsgi_app = counted
+            innermost.wsgi_app = counted
         else:
             observer.wsgi_app = counted
         self.client = app.test_client()
 
-    def answer(self, path: str, **request) -> tuple[int, dict, bytes]:
-        response = self.client.post(path, **request)
+    def answer(self, path: str, method: str = "POST", **request) -> tuple[int, dict, bytes]:
+        response = self.client.open(path, method=method, **request)
         headers = {name: value for name, value in response.headers.items() if name != "X-Request-ID"}
         # Message ids are new on every publish.
         return response.status, headers, UUID.sub(b"<uuid>", response.get_data())

@@ -71,7 +71,9 @@ class OrjsonParser(FlaskParser):
         what loads without error is kept; a miss loads as before."""
         if location != "query" or not isinstance(argmap, ma.Schema):
             return super().parse(argmap, req, location=location, **kwargs)
-        key = (id(argmap), request.environ.get("QUERY_STRING", ""), tuple(kwargs.items()))
+        # Keyed without kwargs: each view has a schema instance of its own (and so one set of
+        # them), which also lets a request answered without Flask find its view's entry.
+        key = (id(argmap), request.environ.get("QUERY_STRING", ""))
         loaded = _query_cache.get(key)
         if loaded is None:
             loaded = super().parse(argmap, req, location=location, **kwargs)
@@ -79,6 +81,21 @@ class OrjsonParser(FlaskParser):
                 _query_cache.clear()
             _query_cache[key] = loaded
         return dict(loaded)
+
+
+def cached_query(schema: ma.Schema, query_string: str) -> dict | None:
+    """The arguments that the view whose schema this is loaded from this query string before,
+    or None if it has not (lately): what a request answered without Flask may take as valid."""
+    loaded = _query_cache.get((id(schema), query_string))
+    return None if loaded is None else dict(loaded)
+
+
+def answer_error(app, environ: dict, start_response, error: Exception):
+    """Answer an error raised while serving a request without Flask as the app's own handlers
+    answer it, never by running the view again: by then its work may be done."""
+    with app.request_context(environ):
+        response = app.make_response(app.handle_user_exception(error))
+        return response(environ, start_response)
 
 
 def document_only(decorator: Callable) -> Callable:

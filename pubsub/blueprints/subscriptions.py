@@ -1,16 +1,21 @@
 """Subscriptions: their lifecycle, consuming, acks, nacks, the DLQ and metrics."""
 
+import re
 import select
 import socket
 import time
 
-from flask import current_app, request
+import orjson
+from flask import Flask, Response, current_app, request
 from flask.views import MethodView
+from werkzeug.http import HTTP_STATUS_CODES
 
 from pubsub import auth, db, listener, messages, observability, operations, slots, subscriptions
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
+    answer_error,
+    cached_query,
     document_prefer,
     load_json_array,
     message_id,
@@ -20,8 +25,10 @@ from pubsub.blueprints import (
     wants_representation,
 )
 from pubsub.encoding import json_response, message_json
+from pubsub.observability import ROUTE_KEY
 from pubsub.schemas import (
     EXTENSION,
+    ID,
     MAX_BATCH_IDS,
     MESSAGE_IDS_BODY,
     ConsumeQuerySchema,
@@ -109,10 +116,10 @@ def consume(subscription_id: str, query: dict) -> list:
         return messages.consume(conn, subscription_id, query["consumer_id"], query["batch_size"], token)
 
 
-def client_gone() -> bool:
+def client_gone(environ: dict) -> bool:
     """Whether the client has closed its connection: a long poll it gave up on, whose claim
     would lease messages to no one until their ack deadline."""
-    sock = request.environ.get("gunicorn.socket")
+    sock = environ.get("gunicorn.socket")
     if sock is None:
         return False
     poller = select.poll()
@@ -128,7 +135,7 @@ def client_gone() -> bool:
         return True
 
 
-def consume_waiting(subscription_id: str, query: dict) -> list | None:
+def consume_waiting(subscription_id: str, query: dict, environ: dict) -> list | None:
     """Long poll: claim, then again each time the listener wakes this consume, until messages
     come or the wait is over; None when this process has as many waiters as it allows. While
     waiting it holds no database connection and no work slot."""
@@ -158,11 +165,30 @@ def consume_waiting(subscription_id: str, query: dict) -> list | None:
                 claim = waiter.event.wait(remaining)
             if waits.releasing:
                 return []  # the server is stopping: the consumer asks again, elsewhere or later
-            if claim and client_gone():
+            if claim and client_gone(environ):
                 return []  # its wake-up goes to another waiter (listener.leave)
     finally:
         waits.leave(waiter)
         observability.LONG_POLL_WAITING.dec()
+
+
+def consume_answer(subscription_id: str, query: dict, environ: dict) -> tuple[bytes, list[tuple[str, str]]]:
+    """A consume's JSON body and its headers beyond the content's, for the view and
+    DirectConsume alike."""
+    rows = consume_waiting(subscription_id, query, environ) if query["wait_seconds"] else None
+    declined = rows is None and query["wait_seconds"] > 0
+    if rows is None:
+        rows = consume(subscription_id, query)
+    # Hot path: built directly, the payloads passed through as PostgreSQL rendered them.
+    body = orjson.dumps({"data": [message_json(row, subscription_id) for row in rows]})
+    if declined and not rows:
+        observability.LONG_POLL_DECLINED.inc()
+        return body, [(DECLINED_HEADER, "declined")]
+    return body, []
+
+
+# One instance, so that DirectConsume finds the view's loads of a query string (cached_query).
+CONSUME_QUERY = ConsumeQuerySchema()
 
 
 @blp.route("")
@@ -229,21 +255,13 @@ class Subscription(MethodView):
 @blp.route("/<id>/messages")
 class SubscriptionMessages(MethodView):
     @require_scope("subscriptions", "consume")
-    @blp.arguments(ConsumeQuerySchema(), location="query")
+    @blp.arguments(CONSUME_QUERY, location="query")
     @blp.response(200, MessageListSchema, headers=DECLINED_DOC)
     @blp.alt_response(404, **NOT_FOUND)
     def get(self, query, id):
         """Consume: lease up to batch_size available messages to this consumer."""
-        rows = consume_waiting(id, query) if query["wait_seconds"] else None
-        declined = rows is None and query["wait_seconds"] > 0
-        if rows is None:
-            rows = consume(id, query)
-        # Hot path: built directly, the payloads passed through as PostgreSQL rendered them.
-        response = json_response({"data": [message_json(row, id) for row in rows]})
-        if declined and not rows:
-            observability.LONG_POLL_DECLINED.inc()
-            response.headers[DECLINED_HEADER] = "declined"
-        return response
+        body, headers = consume_answer(id, query, request.environ)
+        return Response(body, mimetype="application/json", headers=headers)
 
 
 @blp.route("/<id>/acks")
@@ -336,6 +354,70 @@ class Metrics(MethodView):
         """Count the subscription's messages by state."""
         with db.connect() as conn:
             return subscriptions.get_metrics(conn, id)
+
+
+# A consume whose query string its view has loaded before, with a token that allows it when
+# auth is on: DirectConsume answers it as the view would.
+DIRECT_PATH = re.compile(f"/subscriptions/({ID})/messages")
+CONSUME_ACTIONS = ("consume",)
+OK = f"200 {HTTP_STATUS_CODES[200].upper()}"  # as Werkzeug spells it
+
+
+class DirectConsume:
+    """WSGI middleware: answers a consume without Flask's request context, routing and response
+    objects, which cost a long-poll consumer's renewal more than the rest of it (README,
+    "Long poll"): with a thousand consumers waiting and nothing published, renewals are most of
+    the server's CPU. Only a query string that the view has loaded before is taken (a consumer
+    asks with the same one every time), so its validation is the view's own. Every other
+    request, and every consume it has any doubt about (a new query string, a token that is
+    missing, invalid or short of the scope), goes to Flask untouched. With auth on it makes the
+    view's checks (auth.authorize), and the claim checks revocation, as it does for the view.
+    Errors raised while consuming are answered by the app's own handlers (answer_error)."""
+
+    def __init__(self, app: Flask, wsgi_app):
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.rule = None  # the view's URL rule, for the request metrics
+
+    def __call__(self, environ, start_response):
+        plain = self.plain_consume(environ)
+        if plain is None:
+            return self.wsgi_app(environ, start_response)
+        subscription_id, query = plain
+        with self.app.app_context():
+            check = None
+            if self.app.config["AUTH_ENABLED"]:
+                try:
+                    authorization = environ.get("HTTP_AUTHORIZATION", "")
+                    token = auth.authorize(authorization, "subscriptions", CONSUME_ACTIONS, subscription_id)
+                except Exception:
+                    return self.wsgi_app(environ, start_response)  # the view answers 401 or 403
+                check = db.before_next_transaction(auth.RevocationCheck(token))
+            if self.rule is None:
+                self.rule = next(self.app.url_map.iter_rules("subscriptions.SubscriptionMessages"))
+            environ[ROUTE_KEY] = self.rule
+            try:
+                try:
+                    body, headers = consume_answer(subscription_id, query, environ)
+                finally:
+                    if check is not None:
+                        db.run_pending(check)  # a revoked token is a 401, whatever else went wrong
+            except Exception as error:
+                return answer_error(self.app, environ, start_response, error)
+        content = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        start_response(OK, [*content, *headers])
+        return [body]
+
+    @staticmethod
+    def plain_consume(environ) -> tuple[str, dict] | None:
+        """The subscription id and loaded query of a consume it can answer, or None for Flask."""
+        if environ.get("REQUEST_METHOD") != "GET":
+            return None
+        path = DIRECT_PATH.fullmatch(environ.get("PATH_INFO", ""))
+        if path is None:
+            return None
+        query = cached_query(CONSUME_QUERY, environ.get("QUERY_STRING", ""))
+        return None if query is None else (path[1], query)
 
 
 # Operators' bulk operations (pubsub.operations), each answering how many messages it moved or

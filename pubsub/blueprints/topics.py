@@ -13,6 +13,7 @@ from pubsub import auth, db, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
+    answer_error,
     checked_array,
     document_prefer,
     json_object,
@@ -225,9 +226,7 @@ class DirectPublish:
         try:
             publish_grouped(*batch)
         except Exception as error:
-            with self.app.request_context(environ):
-                response = self.app.make_response(self.app.handle_user_exception(error))
-                return response(environ, start_response)
+            return answer_error(self.app, environ, start_response, error)
         start_response(NO_CONTENT, [])
         return []
 
