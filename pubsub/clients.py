@@ -22,14 +22,14 @@ CLIENT_COLUMNS = (
 )
 ACTIONS = {
     "topics": ("create", "read", "delete", "publish"),
-    "subscriptions": ("create", "read", "delete", "consume"),
+    "subscriptions": ("create", "read", "update", "delete", "consume"),
     "clients": ("create", "update", "read", "delete"),
 }
 # Object-specific scopes name an existing topic or subscription: RESOURCE:ACTION:ID (creating is
 # not an action on an existing object, so there is no create form).
 OBJECT_ACTIONS = {
     "topics": ("read", "delete", "publish"),
-    "subscriptions": ("read", "delete", "consume"),
+    "subscriptions": ("read", "update", "delete", "consume"),
 }
 OBJECT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # The same grammar as one regular expression, for the OpenAPI document (normalize_scopes checks).

@@ -49,6 +49,11 @@ CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS = 3600
 # `flask pubsub cleanup-stuck`. Named after the lock timeout fastpubsub's cleanup job used.
 CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60
 
+# Redrive and the purges (extensions) work in chunks of at most this many messages, each one
+# statement in its own short transaction, so that a million rows never hold locks that stall
+# consumers (pubsub.operations).
+OPERATIONS_CHUNK_ROWS = 2000
+
 # Long-poll consume (wait_seconds): how often waiting consumers look for messages that became
 # claimable without a publish to wake them (a backoff or ack deadline running out, a
 # reprocess, a lost notification), in seconds.

@@ -612,3 +612,18 @@ def release_stuck(conn: sa.Connection, lock_timeout_seconds: int | None = None) 
 def delete_acked(conn: sa.Connection, older_than_seconds: int) -> int:
     """Forget acked messages older than the retention; returns how many."""
     return int(conn.execute(DELETE_ACKED, {"older_than": older_than_seconds}).scalar())
+
+
+# A nack with dead_letter=true: to the DLQ at once, whatever attempts are left, instead of a retry
+# (NATS' AckTerm): for a message its consumer knows will never succeed. Its attempts are kept.
+DEAD_LETTER = settle_statement(f"""UPDATE subscription_messages AS sm
+    SET state = {DLQ}, available_at = now(), locked_by = NULL, locked_at = NULL
+    FROM requested""")
+_DRIVER_SQL[DEAD_LETTER] = driver_sql(DEAD_LETTER)
+
+
+def dead_letter(
+    conn: sa.Connection, subscription_id: str, refs: Sequence[MessageRef], token: TokenRef | None = None
+) -> list[int]:
+    """Send current deliveries to the DLQ at once, as a nack with no attempts left would."""
+    return settle(conn, DEAD_LETTER, subscription_id, refs, token)

@@ -131,17 +131,19 @@ class SubscriptionCreateSchema(ma.Schema):
     )
 
     @ma.post_load
-    def apply_defaults(self, data, **kwargs):
+    def apply_defaults(self, data, partial=None, **kwargs):
         config = current_app.config
         for field, setting in (
             ("max_delivery_attempts", "SUBSCRIPTION_MAX_ATTEMPTS"),
             ("backoff_min_seconds", "SUBSCRIPTION_BACKOFF_MIN_SECONDS"),
             ("backoff_max_seconds", "SUBSCRIPTION_BACKOFF_MAX_SECONDS"),
         ):
-            if data.get(field) is None:
+            if data.get(field) is None and (field in data or not partial):  # partial: only those sent
                 data[field] = config[setting]
-        if data.get("ack_deadline_seconds") is None:
+        if data.get("ack_deadline_seconds") is None and ("ack_deadline_seconds" in data or not partial):
             data["ack_deadline_seconds"] = default_ack_deadline(config)
+        if partial and not {"backoff_min_seconds", "backoff_max_seconds"} <= data.keys():
+            return data  # the other bound is the stored one: subscriptions.update_subscription checks
         if data["backoff_min_seconds"] > data["backoff_max_seconds"]:
             raise ma.ValidationError("must not exceed backoff_max_seconds", field_name="backoff_min_seconds")
         return data
@@ -192,6 +194,20 @@ class NackQuerySchema(ma.Schema):
         validate=validate.Range(min=0, max=MAX_BACKOFF_SECONDS),
         metadata=extension("Retry after this many seconds instead of the backoff (0: at once)"),
     )
+    dead_letter = fields.Boolean(
+        truthy={"true"},
+        falsy={"false"},
+        load_default=False,
+        metadata=extension(
+            "true: send the messages to the DLQ at once instead of retrying them, whatever attempts"
+            " are left (not with delay_seconds)"
+        ),
+    )
+
+    @ma.validates_schema
+    def dead_letter_has_no_delay(self, data, **kwargs):
+        if data.get("dead_letter") and data.get("delay_seconds") is not None:
+            raise ma.ValidationError("a dead letter is not retried: leave out delay_seconds", "dead_letter")
 
 
 class ExtendQuerySchema(ma.Schema):
@@ -346,3 +362,46 @@ class TokenSchema(ma.Schema):
     token_type = fields.String(metadata={"example": "Bearer"})
     expires_in = fields.Integer(metadata={"description": "Seconds"})
     scope = fields.String()
+
+
+class SubscriptionUpdateSchema(SubscriptionCreateSchema):
+    """PATCH: creation's fields and checks, each optional (load it with partial=True); null sets
+    the default again, as at creation. A subscription keeps its id and its topic."""
+
+    class Meta:
+        exclude = ("id", "topic_id")
+
+    @ma.pre_load
+    def refuse_fixed_fields(self, data, **kwargs):
+        if isinstance(data, dict):
+            for field in ("id", "topic_id"):
+                if field in data:
+                    raise ma.ValidationError(
+                        "cannot change: create a new subscription instead", field_name=field
+                    )
+        return data
+
+
+class RedriveQuerySchema(ma.Schema):
+    limit = fields.Integer(
+        validate=validate.Range(min=1, max=2**31 - 1),
+        metadata=extension(
+            "Redrive only this many dead letters, the first in the DLQ's order (default: all)"
+        ),
+    )
+
+
+class PurgeQuerySchema(ma.Schema):
+    before = fields.AwareDateTime(
+        format="iso",
+        metadata=extension(
+            "Purge only the messages published before this time (RFC 3339, with its offset; default:"
+            " all of the backlog)"
+        ),
+    )
+
+
+class CountSchema(ma.Schema):
+    count = fields.Integer(
+        metadata=extension("How many messages the operation moved or removed"), required=True
+    )

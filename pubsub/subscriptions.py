@@ -9,6 +9,7 @@ from pubsub.errors import (
     TOPIC_NOT_FOUND,
     AlreadyExists,
     NotFound,
+    ValidationFailed,
 )
 from pubsub.tables import (
     AVAILABLE,
@@ -197,3 +198,30 @@ def count_backlog(conn: sa.Connection) -> list[dict]:
         {**row, "oldest_unacked_age_seconds": float(row["oldest_unacked_age_seconds"])}
         for row in conn.execute(stmt).mappings()
     ]
+
+
+def update_subscription(conn: sa.Connection, subscription_id: str, changes: dict) -> dict:
+    """Change some of a subscription's filter, retry policy and ack deadline (the keys of
+    `changes`); returns it as get_subscription does. A new filter applies to the publishes that
+    start after this commits; the retry policy to the next nacks; the deadline to the next claims.
+
+    FOR NO KEY UPDATE, as the UPDATE takes anyway: publishes (FOR KEY SHARE) are never held up."""
+    stmt = sa.select(*SUBSCRIPTION_COLUMNS).where(subscriptions.c.id == subscription_id)
+    row = conn.execute(stmt.with_for_update(key_share=True)).mappings().first()
+    if row is None:
+        raise NotFound(SUBSCRIPTION_NOT_FOUND)
+    merged = {**row, **changes}
+    if merged["backoff_min_seconds"] > merged["backoff_max_seconds"]:
+        field = "backoff_min_seconds" if "backoff_min_seconds" in changes else "backoff_max_seconds"
+        other = "backoff_max_seconds" if field == "backoff_min_seconds" else "backoff_min_seconds"
+        relation = "exceed" if field == "backoff_min_seconds" else "be less than"
+        raise ValidationFailed({f"json.{field}": [f"must not {relation} {other} ({merged[other]})"]})
+    if not changes:
+        return dict(row)
+    update = (
+        sa.update(subscriptions)
+        .where(subscriptions.c.id == subscription_id)
+        .values(**changes)
+        .returning(*SUBSCRIPTION_COLUMNS)
+    )
+    return dict(conn.execute(update).mappings().one())

@@ -99,7 +99,7 @@ class Delivery:
 class Settle:
     """An ack or nack call by a consumer for some of its deliveries."""
 
-    kind: str  # "ack" or "nack"
+    kind: str  # "ack", "nack" or "dead_letter" (a nack with ?dead_letter=true)
     subscription: str
     consumer: str
     message_ids: list[str]
@@ -428,8 +428,10 @@ class Consumer:
         work_seconds: float = 0.0,
         crashes_on: Callable[[object], bool] | None = None,
         idle_sleep: float = 0.1,
+        dead_letter_ratio: float = 0.0,
     ):
         self.history, self.name, self.subscription = history, name, subscription
+        self.dead_letter_ratio = dead_letter_ratio
         self.batch_size, self.nack_ratio, self.work_seconds = batch_size, nack_ratio, work_seconds
         self.nack_below_attempts = nack_below_attempts
         self.crashes_on, self.idle_sleep = crashes_on, idle_sleep
@@ -470,14 +472,24 @@ class Consumer:
             for d in batch
             if d.attempts < self.nack_below_attempts and self.rng.random() < self.nack_ratio
         ]
-        acks = [d.message_id for d in batch if d.message_id not in nacks]
+        dead = []
+        if self.dead_letter_ratio:  # drawn only then, so that other scenarios see the same draws
+            dead = [
+                d.message_id
+                for d in batch
+                if d.message_id not in nacks and self.rng.random() < self.dead_letter_ratio
+            ]
+        acks = [d.message_id for d in batch if d.message_id not in nacks and d.message_id not in dead]
         for kind, ids in self.rng.sample([("ack", acks), ("nack", nacks)], 2):
             if ids:
                 self.settle(kind, ids)
+        if dead:
+            self.settle("dead_letter", dead)
         return len(batch)
 
     def settle(self, kind: str, ids: list[str]) -> Settle:
-        response = self.client.request("POST", f"{self.path}/{kind}s", ids)
+        path = f"{self.path}/nacks?dead_letter=true" if kind == "dead_letter" else f"{self.path}/{kind}s"
+        response = self.client.request("POST", path, ids)
         settle = Settle(kind, self.subscription, self.name, ids, response.status, response.t0, response.t1)
         self.history.record_settle(settle)
         return settle
@@ -547,6 +559,18 @@ def wait_until_consumed(client: Client, subscriptions: Iterable[str], seconds: f
         else:
             time.sleep(0.1)
     return not pending
+
+
+def redrive_loop(
+    client: Client, subscription: str, limit: int, counts: list, stop: Stop, interval: float = 0.3
+) -> None:
+    """An operator sending the `limit` oldest dead letters back to the queue every `interval`
+    seconds until stopped; appends each redrive's count to `counts` (None for a failed call)."""
+    while not stop():
+        response = client.request("POST", f"/subscriptions/{quote(subscription)}/dlq/redrive?limit={limit}")
+        counts.append(response.body["count"] if response.status == 200 else None)
+        time.sleep(interval)
+    client.close()
 
 
 def release_loop(
@@ -820,6 +844,7 @@ def check(history: History) -> Report:
         "redeliveries": sum(1 for d in history.deliveries if d.attempts > 1),
         "acked ids": len(maybe_acked),
         "nacks": sum(len(s.message_ids) for s in history.settles if s.kind == "nack"),
+        "dead-lettered": sum(len(s.message_ids) for s in history.settles if s.kind == "dead_letter"),
         "cleanup runs": len(history.releases),
         "failed calls": len(history.failed_calls()),
     }

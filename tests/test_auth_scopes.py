@@ -60,9 +60,9 @@ COLLECTION_ENDPOINTS = [e for e in ENDPOINTS if e.resource in OBJECTS and "{id}"
 CLIENT_OBJECT_ENDPOINTS = [e for e in ENDPOINTS if e.resource == "clients" and "{id}" in e.path]
 
 
-def test_the_matrix_has_the_twenty_one_protected_operations():
-    assert len(ENDPOINTS) == 21
-    assert len(OBJECT_ENDPOINTS) == 12 and len(COLLECTION_ENDPOINTS) == 4
+def test_the_matrix_has_the_twenty_five_protected_operations():
+    assert len(ENDPOINTS) == 25
+    assert len(OBJECT_ENDPOINTS) == 16 and len(COLLECTION_ENDPOINTS) == 4
 
 
 @pytest.mark.parametrize(("endpoint", "scope"), cases(ENDPOINTS))

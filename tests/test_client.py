@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -172,6 +173,62 @@ def test_dead_letters_are_listed_and_reprocessed(ps):
     ps.reprocess("sub", [dead.id])
     (back,) = ps.consume("sub", "c1")
     assert back.id == message.id and back.delivery_attempts == 1
+
+
+def test_operators_dead_letter_redrive_and_purge(ps):
+    ps.create_subscription("sub", "orders", max_delivery_attempts=5)
+    ids = ps.publish("orders", [{"n": n} for n in range(6)])
+    batch = ps.consume("sub", "c1", 6)
+    for message in batch:  # one by one: the DLQ keeps the order they died in
+        ps.nack("sub", [message.ack_id], dead_letter=True)
+    assert [m.id for m in ps.dlq("sub")] == [m.id for m in batch]
+    assert ps.metrics("sub")["dlq"] == 6
+    first = [m.id for m in batch[:2]]
+    assert ps.redrive_dlq("sub", limit=2) == 2
+    assert sorted(m.id for m in ps.consume("sub", "c1", 10)) == sorted(first)
+    assert ps.purge_dlq("sub", [batch[2].id]) == 1
+    assert ps.purge_dlq("sub") == 3
+    assert ps.redrive_dlq("sub") == 0
+    assert ps.purge("sub", before=datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    assert ps.purge("sub") == 2  # the two redriven, delivered to c1 above
+    assert ps.metrics("sub") == {
+        "subscription_id": "sub",
+        "available": 0,
+        "delivered": 0,
+        "acked": 0,
+        "dlq": 0,
+    }
+    assert len(ids) == 6
+    with pytest.raises(ValueError):
+        ps.purge("sub", before=datetime(2000, 1, 1))
+
+
+def test_update_subscription_changes_only_what_is_given(ps):
+    created = ps.create_subscription("sub", "orders", filter={"country": ["BR"]}, max_delivery_attempts=3)
+    updated = ps.update_subscription("sub", max_delivery_attempts=7, ack_deadline_seconds=20)
+    assert updated == {**created, "max_delivery_attempts": 7, "ack_deadline_seconds": 20}
+    assert ps.update_subscription("sub", filter=None)["filter"] is None
+    with pytest.raises(ValidationError) as caught:
+        ps.update_subscription("sub", backoff_min_seconds=10_000)
+    assert "json.backoff_min_seconds" in caught.value.errors
+    with pytest.raises(NotFoundError):
+        ps.update_subscription("missing", max_delivery_attempts=2)
+
+
+def test_a_redriven_message_reaches_a_waiting_long_poll_consumer_at_once(ps):
+    ps.create_subscription("sub", "orders", max_delivery_attempts=1)
+    ps.publish("orders", [{"n": 1}])
+    ps.nack("sub", [m.ack_id for m in ps.consume("sub", "c1")])
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.extend(ps.consume("sub", "waiter", wait_seconds=10)))
+    waiter.start()
+    time.sleep(1.5)  # the waiter is parked, past its first re-check
+    started = time.monotonic()
+    assert ps.redrive_dlq("sub") == 1
+    waiter.join(WAIT)
+    assert [m.payload for m in got] == [{"n": 1}]
+    # The NOTIFY wakes it; the re-check every LONG_POLL_RECHECK_SECONDS (1) would take longer.
+    assert time.monotonic() - started < 0.5
 
 
 # --- Tokens, against the real server with auth on -----------------------------------------------

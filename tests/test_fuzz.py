@@ -189,6 +189,16 @@ def states_inexpressible_rule(case, response) -> bool:
     # Across fields: backoff_min_seconds <= backoff_max_seconds (null meaning the setting).
     if errors == {"json.backoff_min_seconds": ["must not exceed backoff_max_seconds"]}:
         return True
+    # The same in a PATCH, against the stored bound when only one is sent.
+    if case.method.upper() == "PATCH" and len(errors) == 1:
+        [(location, [message])] = errors.items()
+        if location in ("json.backoff_min_seconds", "json.backoff_max_seconds") and message.startswith(
+            ("must not exceed backoff_max_seconds (", "must not be less than backoff_min_seconds (")
+        ):
+            return True
+    # Between parameters: a nack with dead_letter=true takes no delay_seconds.
+    if errors == {"query.dead_letter": ["a dead letter is not retried: leave out delay_seconds"]}:
+        return True
     # A filter key of 1-256 characters: OpenAPI 3.0 has no propertyNames.
     if errors and all(re.fullmatch(r"json\.filter\..*\.key", location) for location in errors):
         return True

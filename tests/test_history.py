@@ -37,6 +37,7 @@ from tests.history import (
     drain,
     last_journal_kind,
     matches,
+    redrive_loop,
     release_loop,
     wait_until_consumed,
 )
@@ -336,6 +337,49 @@ def test_concurrent_consumers_lose_nothing_and_each_subscription_gets_exactly_it
     # The work was shared, and the retry path ran: nacked messages came back and were acked.
     assert len({d.consumer for d in history.deliveries if not d.consumer.startswith("drain-")}) == 8
     assert report.stats["nacks"] > 0 and report.stats["redeliveries"] > 0
+
+
+@pytest.mark.slow
+def test_consumers_dead_letter_some_messages_an_operator_redrives_them_and_nothing_is_lost(
+    live_port, history, workers
+):
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    admin.create_subscription("work", "orders")
+    producers = start_producers(workers, history, live_port, ["orders"] * 2, batches=20, pause=0.05)
+    start_consumers(
+        workers, history, live_port, ["work"] * 4, batch_size=10, nack_ratio=0.1, dead_letter_ratio=0.15
+    )
+    redriven: list = []
+    operator = Client(history, "operator", live_port)
+    workers.start("operator", redrive_loop, operator, "work", 7, redriven, workers.stopped, 0.2)
+    workers.join(timeout=60, stop=False, threads=producers)
+    deadline = time.monotonic() + 30
+    while admin.dead_letters("work") and time.monotonic() < deadline:  # the operator redrives them all
+        time.sleep(0.2)
+    assert wait_until_consumed(admin, ["work"]), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, ["work"])
+    dead = admin.dead_letters("work")
+    history.record_dead("work", [m["payload"]["value"] for m in dead])
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert report.stats["values published ok"] == 2 * 20 * 10
+    assert report.stats["dead-lettered"] > 0 and None not in redriven and sum(redriven) > 0
+    # Redriven messages came back with their attempts reset: the first delivery of a message after
+    # each of its dead-letterings is attempt 1.
+    firsts = []
+    for settle in history.settles:
+        if settle.kind == "dead_letter" and settle.outcome == "ok":
+            for message_id in settle.message_ids:
+                later = [d for d in history.deliveries if d.message_id == message_id and d.t0 > settle.t1]
+                if later:
+                    firsts.append(min(later, key=lambda d: d.t0).attempts)
+    assert firsts and set(firsts) == {1}, firsts
+    metrics = admin.metrics("work")
+    assert metrics["acked"] + metrics["dlq"] == 2 * 20 * 10 and metrics["dlq"] == len(dead)
 
 
 # --- Scenario 2: consumers killed mid-batch ----------------------------------------------------

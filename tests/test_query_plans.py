@@ -19,6 +19,7 @@ Statements are prepared with the parameter types psycopg sends and explained in 
 that is rolled back.
 """
 
+import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from psycopg.adapt import AdaptersMap, PyFormat
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
 
-from pubsub import create_app, db, messages, subscriptions, topics
+from pubsub import create_app, db, messages, operations, subscriptions, topics
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 from tests.conftest import new_database
 
@@ -462,6 +463,22 @@ def by_id(state: PlanState, ids: list[str], **params) -> dict:
     return {"subscription_id": TARGET, "ids": messages.uuid_array(ids), "leases": None, **NO_TOKEN, **params}
 
 
+FUTURE = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)  # `before` that every message matches
+
+
+def chunk(state: int, **params) -> dict:
+    """The parameters of an operator's first chunk of BATCH messages of TARGET in a state."""
+    after_at, after_seq = operations.FIRST_KEY
+    return {
+        "subscription_id": TARGET,
+        "state": state,
+        "after_at": after_at,
+        "after_seq": after_seq,
+        "chunk": BATCH,
+        **params,
+    }
+
+
 # name: (statement, parameters, whether it looks messages up by id)
 LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
     "claim": lambda s: (
@@ -479,6 +496,14 @@ LOOKUPS: dict[str, Callable[[PlanState], tuple[sa.TextClause, dict, bool]]] = {
         {"subscription_id": TARGET, "offset": 0, "limit": BATCH},
         False,
     ),
+    "dead_letter": lambda s: (messages.DEAD_LETTER, by_id(s, s.delivered[:BATCH]), True),
+    # The operators' chunks (pubsub.operations), a chunk of BATCH each, from the start of a range.
+    "purge_available": lambda s: (operations.PURGE_BACKLOG, chunk(AVAILABLE, before=None), True),
+    "purge_delivered": lambda s: (operations.PURGE_BACKLOG, chunk(DELIVERED, before=None), True),
+    "purge_before": lambda s: (operations.PURGE_BACKLOG, chunk(AVAILABLE, before=FUTURE), True),
+    "purge_dlq": lambda s: (operations.PURGE_DLQ, chunk(DLQ), True),
+    "purge_dlq_ids": lambda s: (operations.PURGE_DLQ_IDS, by_id(s, s.dead), True),
+    "redrive": lambda s: (operations.REDRIVE, chunk(DLQ), True),
 }
 
 
@@ -558,3 +583,63 @@ def test_cleanup_acked_reads_only_what_it_deletes_at_1m_log_rows(server_url, tem
     report = "\n".join(map(describe, nodes))
     assert any(node.get("Index Name") == "ix_acked_messages_acked_at" for node in nodes), report
     assert max(map(rows_read, nodes)) == EXPIRED_ACK_ROWS, report
+
+
+# --- The operators' chunks walk on from the last one -------------------------------------------
+
+PURGE_CHUNK = 100
+PURGE_CHUNKS_DONE = 50
+
+
+def buffers(node: dict) -> int:
+    return node.get("Shared Hit Blocks", 0) + node.get("Shared Read Blocks", 0)
+
+
+def purge_chunk_after(key: tuple) -> dict:
+    return {**chunk(AVAILABLE, before=None), "chunk": PURGE_CHUNK, "after_at": key[0], "after_seq": key[1]}
+
+
+def test_a_purge_chunk_starts_after_the_last_one_not_over_the_rows_deleted_before_it(server_url, template):
+    """Each chunk of a purge begins at the last key of the chunk before it: the index entries of
+    the rows already deleted (dead until a vacuum) are never walked again, so the 500th chunk of a
+    million-row purge costs what the first did. The same chunk from the start of the range walks
+    them all."""
+    with new_database(server_url, template) as url:
+        app = create_app({"DATABASE_URL": url})
+        engine = db.get_engine(app)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
+            create_subscriptions(engine, TARGET)
+            publish(engine, TARGET, PURGE_CHUNK * (PURGE_CHUNKS_DONE + 10))
+            after = operations.FIRST_KEY
+            with engine.connect() as conn:
+                for _ in range(PURGE_CHUNKS_DONE):  # each committed on its own, as the purge runs them
+                    row = conn.execute(operations.PURGE_BACKLOG, purge_chunk_after(after)).one()
+                    conn.commit()
+                    after = (row.available_at, row.seq)
+            with psycopg.connect(libpq_url(url)) as conn:
+                costs = {}
+                for start, key in (("from the last key", after), ("from the start", operations.FIRST_KEY)):
+                    params = purge_chunk_after(key)
+                    compiled = operations.PURGE_BACKLOG.compile(dialect=NUMBERED)
+                    values = [params[name] for name in compiled.positiontup]
+                    types = ", ".join(driver_type(conn.adapters, value) for value in values)
+                    conn.execute(f"PREPARE chunk ({types}) AS {compiled.string}")
+                    execute = sql.SQL("EXECUTE chunk ({})").format(
+                        sql.SQL(", ").join(map(sql.Literal, values))
+                    )
+                    [[tree]] = conn.execute(
+                        sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + execute
+                    ).fetchone()
+                    conn.execute("DEALLOCATE chunk")
+                    conn.rollback()
+                    walks = [
+                        node
+                        for node in scans(tree["Plan"], "subscription_messages")
+                        if node.get("Index Name") == "ix_subscription_messages_claim"
+                    ]
+                    costs[start] = sum(map(buffers, walks))
+        finally:
+            db.dispose(app)
+    assert costs["from the start"] > 3 * costs["from the last key"], costs

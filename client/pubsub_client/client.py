@@ -32,6 +32,8 @@ MAX_IDLE_CONNECTIONS = 32
 TOKEN_RENEW_SHARE = 0.8
 LONG_POLL_SLACK = 10.0  # seconds of socket timeout beyond a long poll's wait_seconds
 DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# update_subscription: a field not given is left as it is (None is sent: it clears or resets).
+UNSET = object()
 
 
 class Message:
@@ -256,9 +258,17 @@ class Client:
         """Acknowledge deliveries: ids not delivered right now (or stale ack_ids) are ignored."""
         self._post_ids(subscription_id, "acks", ack_ids)
 
-    def nack(self, subscription_id: str, ack_ids: Iterable[str], delay_seconds: int | None = None) -> None:
-        """Retry after delay_seconds (None: the subscription's backoff), or dead-letter."""
-        self._post_ids(subscription_id, "nacks", ack_ids, delay_seconds=delay_seconds)
+    def nack(
+        self,
+        subscription_id: str,
+        ack_ids: Iterable[str],
+        delay_seconds: int | None = None,
+        dead_letter: bool = False,
+    ) -> None:
+        """Retry after delay_seconds (None: the subscription's backoff), or dead-letter. With
+        dead_letter, send them to the DLQ at once instead of retrying them."""
+        flag = "true" if dead_letter else None
+        self._post_ids(subscription_id, "nacks", ack_ids, delay_seconds=delay_seconds, dead_letter=flag)
 
     def extend(self, subscription_id: str, ack_ids: Iterable[str], seconds: int | None = None) -> None:
         """Move the ack deadline of deliveries to now + seconds (None: the subscription's)."""
@@ -275,6 +285,58 @@ class Client:
     def reprocess(self, subscription_id: str, ids: Iterable[str]) -> None:
         """Send dead letters back to the queue, their attempts reset."""
         self._post_ids(subscription_id, "dlq/reprocess", ids)
+
+    def update_subscription(
+        self,
+        subscription_id: str,
+        filter: dict | None | object = UNSET,
+        max_delivery_attempts: int | None | object = UNSET,
+        backoff_min_seconds: int | None | object = UNSET,
+        backoff_max_seconds: int | None | object = UNSET,
+        ack_deadline_seconds: int | None | object = UNSET,
+    ) -> dict:
+        """Change only the fields given (None: no filter, or the server's default); the
+        subscription as it is now. A new filter applies to messages published afterwards."""
+        body = {
+            name: value
+            for name, value in (
+                ("filter", filter),
+                ("max_delivery_attempts", max_delivery_attempts),
+                ("backoff_min_seconds", backoff_min_seconds),
+                ("backoff_max_seconds", backoff_max_seconds),
+                ("ack_deadline_seconds", ack_deadline_seconds),
+            )
+            if value is not UNSET
+        }
+        return self._call("PATCH", self._sub(subscription_id), body)
+
+    def redrive_dlq(self, subscription_id: str, limit: int | None = None) -> int:
+        """Move dead letters back to the queue, attempts reset: all, or the `limit` that died
+        first. How many were moved."""
+        query = f"?{urlencode({'limit': limit})}" if limit is not None else ""
+        path = f"{self._sub(subscription_id)}/dlq/redrive{query}"
+        return self._call("POST", path, idempotent=False)["count"]
+
+    def purge_dlq(self, subscription_id: str, ids: Iterable[str] | None = None) -> int:
+        """Delete dead letters: all of them, or those named. How many were deleted."""
+        path = f"{self._sub(subscription_id)}/dlq"
+        if ids is None:
+            return self._call("DELETE", path, idempotent=False)["count"]
+        ids = list(ids)
+        return sum(
+            self._call("DELETE", path, DUMPS(ids[start : start + MAX_IDS]).encode())["count"]
+            for start in range(0, len(ids), MAX_IDS)
+        )
+
+    def purge(self, subscription_id: str, before: datetime | None = None) -> int:
+        """Delete the subscription's backlog (available and delivered messages, not the DLQ), or
+        only what was published before `before` (a datetime with its timezone). How many."""
+        if before is None:
+            return self._call("POST", f"{self._sub(subscription_id)}/purge", idempotent=False)["count"]
+        if before.tzinfo is None:
+            raise ValueError("before needs a timezone (e.g. datetime.now(timezone.utc))")
+        query = urlencode({"before": before.isoformat()})
+        return self._call("POST", f"{self._sub(subscription_id)}/purge?{query}")["count"]
 
     def subscribe(self, subscription_id: str, handler, **kwargs):
         """A started Subscriber (see pubsub_client.Subscriber for the arguments)."""

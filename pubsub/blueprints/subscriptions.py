@@ -10,7 +10,7 @@ from flask import Flask, Response, current_app, request
 from flask.views import MethodView
 from werkzeug.http import HTTP_STATUS_CODES
 
-from pubsub import auth, db, listener, messages, observability, slots, subscriptions
+from pubsub import auth, db, listener, messages, observability, operations, slots, subscriptions
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
@@ -32,16 +32,20 @@ from pubsub.schemas import (
     MAX_BATCH_IDS,
     MESSAGE_IDS_BODY,
     ConsumeQuerySchema,
+    CountSchema,
     ErrorSchema,
     ExtendQuerySchema,
     MessageListSchema,
     NackQuerySchema,
     OutcomeListSchema,
     PaginationSchema,
+    PurgeQuerySchema,
+    RedriveQuerySchema,
     SubscriptionCreateSchema,
     SubscriptionListSchema,
     SubscriptionMetricsSchema,
     SubscriptionSchema,
+    SubscriptionUpdateSchema,
 )
 
 blp = Blueprint(
@@ -235,6 +239,18 @@ class Subscription(MethodView):
         with db.begin() as conn:
             subscriptions.delete_subscription(conn, id)
 
+    @require_scope("subscriptions", "update")
+    @blp.arguments(SubscriptionUpdateSchema(partial=True))
+    @blp.response(200, SubscriptionSchema)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")
+    @blp.doc(**{"x-pubsub-extension": True})
+    def patch(self, changes, id):
+        """Change the filter, retry policy or ack deadline. Extension to the fastpubsub API."""
+        read_json_body()  # no body, or one not declared as JSON, is no change of nothing: 400, 415
+        with db.begin() as conn:
+            return subscriptions.update_subscription(conn, id, changes)
+
 
 @blp.route("/<id>/messages")
 class SubscriptionMessages(MethodView):
@@ -279,7 +295,10 @@ class Nacks(MethodView):
         refs = load_message_refs()
         token = auth.revocation_token()  # checked by the statement itself
         with db.connect() as conn:
-            outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"), token)
+            if query["dead_letter"]:
+                outcomes = messages.dead_letter(conn, id, refs, token)
+            else:
+                outcomes = messages.nack(conn, id, refs, query.get("delay_seconds"), token)
         return settled(outcomes, "nacked")
 
 
@@ -399,3 +418,72 @@ class DirectConsume:
             return None
         query = cached_query(CONSUME_QUERY, environ.get("QUERY_STRING", ""))
         return None if query is None else (path[1], query)
+
+
+# Operators' bulk operations (pubsub.operations), each answering how many messages it moved or
+# removed. Extensions to the fastpubsub API.
+EXTENSION_DOC = {"x-pubsub-extension": True}
+
+
+def chunk_rows() -> int:
+    return current_app.config["OPERATIONS_CHUNK_ROWS"]
+
+
+def load_optional_ids() -> list | None:
+    """A JSON array of message ids, or None when the request has no body at all."""
+    if not request.content_length and not request.get_data(cache=True):
+        return None
+    return load_message_ids()
+
+
+@blp.route("/<id>/dlq/redrive")
+class Redrive(MethodView):
+    @require_scope("subscriptions", "consume")
+    @blp.arguments(RedriveQuerySchema(), location="query")
+    @blp.response(200, CountSchema)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.doc(**EXTENSION_DOC)
+    def post(self, query, id):
+        """Move dead letters back to the queue, attempts reset. Extension to the fastpubsub API."""
+        with db.connect() as conn:  # autocommit: each chunk commits on its own
+            return {"count": operations.redrive_dlq(conn, id, chunk_rows(), query.get("limit"))}
+
+
+@blp.route("/<id>/dlq")
+class DeadLetterPurge(MethodView):
+    @require_scope("subscriptions", "delete")
+    @blp.response(200, CountSchema)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.alt_response(400, schema=ErrorSchema, description="Malformed JSON")
+    @blp.alt_response(415, schema=ErrorSchema, description="A body that is not application/json")
+    @blp.alt_response(422, schema=ErrorSchema, description="Not an array of at most 1000 ids")
+    @blp.doc(
+        requestBody={
+            "required": False,
+            "description": "The ids of the dead letters to delete; without a body, all of them.",
+            "content": {
+                "application/json": {
+                    "schema": {**MESSAGE_IDS_BODY, "items": {"type": "string", "format": "uuid"}}
+                }
+            },
+        },
+        **EXTENSION_DOC,
+    )
+    def delete(self, id):
+        """Delete dead letters: all, or the ids in the body. Extension to the fastpubsub API."""
+        ids = load_optional_ids()
+        with db.connect() as conn:  # autocommit: each chunk commits on its own
+            return {"count": operations.purge_dlq(conn, id, chunk_rows(), ids)}
+
+
+@blp.route("/<id>/purge")
+class Purge(MethodView):
+    @require_scope("subscriptions", "delete")
+    @blp.arguments(PurgeQuerySchema(), location="query")
+    @blp.response(200, CountSchema)
+    @blp.alt_response(404, **NOT_FOUND)
+    @blp.doc(**EXTENSION_DOC)
+    def post(self, query, id):
+        """Delete the backlog, or what was published before a time. Extension to the fastpubsub API."""
+        with db.connect() as conn:  # autocommit: each chunk commits on its own
+            return {"count": operations.purge_backlog(conn, id, chunk_rows(), query.get("before"))}
