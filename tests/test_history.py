@@ -483,7 +483,14 @@ def test_a_poison_message_that_crashes_every_consumer_ends_in_the_dlq_while_the_
         s for s in history.settles if s.kind == "ack" and poisoned[0].t1 < s.t0 and s.t1 < poisoned[-1].t0
     ]
     assert acked_meanwhile
-    metrics = {"subscription_id": "work", "available": 0, "delivered": 0, "acked": 2 * 15 * 10, "dlq": 1}
+    metrics = {
+        "subscription_id": "work",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 2 * 15 * 10,
+        "dlq": 1,
+    }
     assert admin.metrics("work") == metrics
 
 
