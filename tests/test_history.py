@@ -200,6 +200,29 @@ def test_checker_ignores_the_messages_of_a_deleted_subscription(synthetic):
     assert check(synthetic).ok
 
 
+def test_checker_reports_a_delayed_message_claimed_before_its_time_and_accepts_one_claimed_after(synthetic):
+    synthetic.record_publish(
+        Publish("p", "t", ["late"], [{"value": "late", "country": "BR"}], 204, 3.0, 3.01, 2)
+    )
+    delivered(synthetic, "late", "m-late", "c1", t=5.0)  # claimed in [5.0, 5.01]: due from 5.0 on
+    settled(synthetic, "ack", "m-late", "c1", t=5.1)
+    assert check(synthetic).ok, check(synthetic).summary()
+    assert check(synthetic).stats["delayed"] == 1
+    synthetic.record_publish(
+        Publish("p", "t", ["soon"], [{"value": "soon", "country": "BR"}], 204, 3.0, 3.01, 2)
+    )
+    delivered(synthetic, "soon", "m-soon", "c2", t=4.0)  # by 4.01: a second early
+    settled(synthetic, "ack", "m-soon", "c2", t=4.1)
+    report = check(synthetic)
+    assert len(report.early) == 1 and report.early[0].startswith("s/soon (m-soon)"), report.summary()
+    assert not report.ok
+
+
+def test_checker_reports_delayed_messages_left_behind_by_the_drain(synthetic):
+    synthetic.record_metrics("s", {"available": 0, "delayed": 3, "delivered": 0, "acked": 2, "dlq": 0})
+    assert len(check(synthetic).not_drained) == 1
+
+
 def test_journal_of_a_killed_consumer_is_read_back_without_its_cut_line(tmp_path):
     journal = tmp_path / "c1.jsonl"
     child = History(journal=journal)
@@ -336,6 +359,39 @@ def test_concurrent_consumers_lose_nothing_and_each_subscription_gets_exactly_it
     # The work was shared, and the retry path ran: nacked messages came back and were acked.
     assert len({d.consumer for d in history.deliveries if not d.consumer.startswith("drain-")}) == 8
     assert report.stats["nacks"] > 0 and report.stats["redeliveries"] > 0
+
+
+@pytest.mark.slow
+def test_delayed_publishes_are_delivered_once_each_never_before_their_time_and_none_is_lost(
+    live_port, history, workers
+):
+    subscriptions = ["all", "br"]
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    for subscription in subscriptions:
+        admin.create_subscription(subscription, "orders", FILTERS[subscription])
+    # Half the batches wait 1 or 2 s: consumers poll all along, so they claim each at its time.
+    producers = start_producers(
+        workers, history, live_port, ["orders"] * 3, batches=15, pause=0.05, delay_ratio=0.5
+    )
+    consumers = [subscriptions[i % 2] for i in range(4)]
+    start_consumers(workers, history, live_port, consumers, batch_size=20, nack_ratio=0.2, idle_sleep=0.02)
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, subscriptions), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, subscriptions)
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert report.stats["values published ok"] == 3 * 15 * 10
+    assert 0 < report.stats["delayed"] < report.stats["values published ok"]
+    for subscription in subscriptions:
+        expected = published_values(history, "orders", FILTERS[subscription])
+        assert delivered_values(history, subscription) == expected, subscription
+    # Delayed values were claimed by the workload's consumers (not only by the drain), at their time.
+    delayed = {v for p in history.publishes if p.delay_seconds for v in p.values}
+    assert {d.value for d in history.deliveries if not d.consumer.startswith("drain-")} & delayed
 
 
 # --- Scenario 2: consumers killed mid-batch ----------------------------------------------------
