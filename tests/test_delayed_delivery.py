@@ -333,3 +333,20 @@ def test_a_waiting_consumer_is_not_woken_by_a_delayed_publish_and_gets_it_within
     assert message["payload"] == {"n": 1}
     assert waiter.finished - published >= 1.5, "answered long before the due time"
     assert due <= answered < due + dt.timedelta(seconds=1 + SLACK), answered - due
+
+
+# --- The OpenAPI document -----------------------------------------------------------------------
+
+
+def test_the_openapi_document_marks_the_delay_parameters_and_the_delayed_count_as_extensions(client):
+    spec = client.get("/openapi.json").get_json()
+    parameters = {p["name"]: p for p in spec["paths"]["/topics/{id}/messages"]["post"]["parameters"]}
+    for name in ("delay_seconds", "deliver_at"):
+        assert parameters[name]["in"] == "query" and not parameters[name].get("required")
+        assert parameters[name]["schema"]["x-pubsub-extension"] is True, parameters[name]
+        assert "Extension to the fastpubsub API" in parameters[name]["description"]
+    assert parameters["delay_seconds"]["schema"]["maximum"] == messages.MAX_DELAY_SECONDS
+    assert parameters["deliver_at"]["schema"]["format"] == "date-time"
+    metrics = spec["components"]["schemas"]["SubscriptionMetrics"]["properties"]
+    assert metrics["delayed"]["x-pubsub-extension"] is True
+    assert "x-pubsub-extension" not in metrics["available"]
