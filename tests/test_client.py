@@ -200,6 +200,7 @@ def test_ack_nack_extend_use_lease_qualified_ids_so_a_stale_one_does_nothing(ps)
     assert ps.metrics("sub") == {
         "subscription_id": "sub",
         "available": 0,
+        "delayed": 0,
         "delivered": 0,
         "acked": 1,
         "dlq": 0,
