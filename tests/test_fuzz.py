@@ -189,6 +189,13 @@ def states_inexpressible_rule(case, response) -> bool:
     # Across fields: backoff_min_seconds <= backoff_max_seconds (null meaning the setting).
     if errors == {"json.backoff_min_seconds": ["must not exceed backoff_max_seconds"]}:
         return True
+    # Delayed delivery: delay_seconds or deliver_at, not both (OpenAPI 3.0 cannot make parameters
+    # exclusive), and a deliver_at at most 7 days after the database's now() (a moving bound).
+    if errors in (
+        {"query.deliver_at": ["give delay_seconds or deliver_at, not both"]},
+        {"query.deliver_at": [messages.DELAY_TOO_LONG]},
+    ):
+        return case.operation.path == "/topics/{id}/messages"
     # A filter key of 1-256 characters: OpenAPI 3.0 has no propertyNames.
     if errors and all(re.fullmatch(r"json\.filter\..*\.key", location) for location in errors):
         return True
