@@ -185,7 +185,8 @@ def backlog_families(backlog: list[dict]) -> list[Metric]:
     )
     oldest = GaugeMetricFamily(
         "pubsub_subscription_oldest_unacked_age_seconds",
-        "Age of the subscription's oldest available or delivered message; 0 when there is none",
+        "Age of the subscription's oldest available or delivered message (delayed ones left out);"
+        " 0 when there is none",
         labels=["subscription"],
     )
     for row in backlog:

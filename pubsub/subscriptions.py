@@ -185,7 +185,13 @@ def count_backlog(conn: sa.Connection) -> list[dict]:
             .label("backoff"),
             sa.func.count().filter(m.c.state == DELIVERED, m.c.available_at > now).label("delivered"),
             sa.func.count().filter(m.c.state == DLQ).label("dlq"),
-            sa.func.min(m.c.created_at).filter(m.c.state.in_((AVAILABLE, DELIVERED))).label("oldest"),
+            # A delayed message is not owed to anyone yet: it would age the backlog for days.
+            sa.func.min(m.c.created_at)
+            .filter(
+                m.c.state.in_((AVAILABLE, DELIVERED)),
+                ~sa.and_(m.c.state == AVAILABLE, m.c.available_at > now, m.c.delivery_attempts == 0),
+            )
+            .label("oldest"),
         )
         .group_by(m.c.subscription_id)
         .subquery()

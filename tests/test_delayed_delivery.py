@@ -175,9 +175,11 @@ def test_delayed_messages_count_as_delayed_not_available_until_due(client, api, 
         "backoff": 1,
     }
 
+    api.ack("sub", [m["id"] for m in api.consume("sub")])  # only the delayed ones are left
+    assert backlog_of(client)["sub"]["age"] == 0  # not owed to anyone yet: no age
     wait_until(lambda: db_now() >= due, "the due time")
-    assert api.metrics("sub")["available"] == 3 and api.metrics("sub")["delayed"] == 0
-    assert backlog_of(client)["sub"]["delayed"] == 0
+    assert api.metrics("sub")["available"] == 2 and api.metrics("sub")["delayed"] == 0
+    assert backlog_of(client)["sub"]["delayed"] == 0 and backlog_of(client)["sub"]["age"] > 0
 
 
 # --- Validation -----------------------------------------------------------------------------------
