@@ -156,6 +156,7 @@ class SqlClient:
             "topic_ids": orjson.dumps([topic_id]).decode(),
             "payloads": f"[{body.decode()}]",
             "tokens": None,
+            "delays": None,
         }
         found = self.conn.execute(self.statements["publish"], params).fetchone()[0]
         if not found:

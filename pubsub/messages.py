@@ -15,11 +15,22 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from pubsub.clients import TokenRef, token_current_sql
-from pubsub.errors import SUBSCRIPTION_NOT_FOUND, TOKEN_REVOKED, TOPIC_NOT_FOUND, NotFound, Unauthorized
+from pubsub.errors import (
+    SUBSCRIPTION_NOT_FOUND,
+    TOKEN_REVOKED,
+    TOPIC_NOT_FOUND,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+)
 from pubsub.tables import AVAILABLE, DELIVERED, DLQ
 
 # Long-poll wake-ups: publishes NOTIFY this channel (pubsub.listener).
 NOTIFY_CHANNEL = "pubsub"
+
+# Delayed delivery: how far ahead a publish may set its messages' due time (7 days).
+MAX_DELAY_SECONDS = 7 * 24 * 3600
+DELAY_TOO_LONG = f"must be at most {MAX_DELAY_SECONDS} seconds ({MAX_DELAY_SECONDS // 86400} days) from now"
 
 # Plans that hold whatever the statistics say. PostgreSQL's statistics of subscription_messages
 # lag behind it: they may know only other subscriptions (a new one, an uncommon one), or describe
@@ -83,16 +94,31 @@ def token_params(token: TokenRef | None) -> dict:
 # current is `revoked` and publishes nothing; the others go on. The check is the statement's own,
 # in its snapshot: a client deleted, deactivated or updated before the statement began is seen,
 # with no round trip of its own (SPEC §4).
+# Delayed delivery: :delays is NULL, or a JSON array whose k-th item is request k's delay: a
+# number of seconds, an RFC 3339 due time as a string, or null for none. The database clock
+# decides: now() + seconds, or the due time (one in the past means now). A due time more than
+# MAX_DELAY_SECONDS away makes the request `late`: it publishes nothing. Delayed copies wake no
+# long-poll waiter (`notified` counts only the copies claimable now); the listener's re-check
+# finds them when they are due.
 def publish_ctes(lock: str) -> str:
     current = token_current_sql("CAST(t.token ->> 0 AS uuid)", "CAST(t.token ->> 1 AS integer)")
     return f"""
 WITH revoked AS MATERIALIZED (
     SELECT t.k FROM jsonb_array_elements(CAST(:tokens AS jsonb)) WITH ORDINALITY AS t (token, k)
     WHERE jsonb_typeof(t.token) = 'array' AND NOT {current}
+), due AS MATERIALIZED (
+    SELECT d.k, CASE jsonb_typeof(d.delay)
+        WHEN 'number' THEN now() + make_interval(secs => CAST(d.delay AS integer))
+        ELSE greatest(now(), CAST(d.delay #>> '{{}}' AS timestamptz))
+    END AS available_at
+    FROM jsonb_array_elements(CAST(:delays AS jsonb)) WITH ORDINALITY AS d (delay, k)
+    WHERE jsonb_typeof(d.delay) <> 'null'
+), late AS MATERIALIZED (
+    SELECT k FROM due WHERE available_at > now() + make_interval(secs => {MAX_DELAY_SECONDS})
 ), requests AS MATERIALIZED (
-    SELECT r.topic_id, r.k
+    SELECT r.topic_id, r.k, (SELECT available_at FROM due WHERE due.k = r.k) AS available_at
     FROM jsonb_array_elements_text(CAST(:topic_ids AS jsonb)) WITH ORDINALITY AS r (topic_id, k)
-    WHERE r.k NOT IN (SELECT k FROM revoked)
+    WHERE r.k NOT IN (SELECT k FROM revoked) AND r.k NOT IN (SELECT k FROM late)
 ), found AS (
     SELECT requests.k FROM requests JOIN topics ON topics.id = requests.topic_id
 ), subs AS (
@@ -103,29 +129,30 @@ WITH revoked AS MATERIALIZED (
     FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS b (batch, k),
          jsonb_array_elements(b.batch) WITH ORDINALITY AS m (payload, n)
 ), inserted AS (
-    INSERT INTO subscription_messages (subscription_id, id, payload, state)
-    SELECT subs.id, published.id, published.payload, {AVAILABLE}
+    INSERT INTO subscription_messages (subscription_id, id, payload, state, available_at)
+    SELECT subs.id, published.id, published.payload, {AVAILABLE}, coalesce(requests.available_at, now())
     FROM published JOIN requests ON requests.k = published.k JOIN subs ON subs.topic_id = requests.topic_id
     WHERE subs.filter IS NULL OR NOT EXISTS (
         SELECT 1 FROM jsonb_each(subs.filter) AS f (key, allowed)
         WHERE NOT f.allowed @> jsonb_build_array(published.payload -> f.key)
     )
     ORDER BY published.k, published.n, subs.id
-    RETURNING subscription_id, id
+    RETURNING subscription_id, id, available_at
 ), notified AS (
     SELECT pg_notify('{NOTIFY_CHANNEL}', concat_ws(' ', subs.id, count(*), pg_current_xact_id()))
     FROM subs JOIN inserted ON inserted.subscription_id = subs.id
-    WHERE subs.notify
+    WHERE subs.notify AND inserted.available_at <= now()
     GROUP BY subs.id
 )
 """
 
 
 # Which requests' topics exist and which requests' tokens are revoked (their k), and how many
-# copies were queued in all.
+# copies were queued in all; which requests were due too late.
 PUBLISHED = """
 SELECT ARRAY(SELECT k FROM found) AS found, ARRAY(SELECT k FROM revoked) AS revoked,
-       (SELECT count(*) FROM inserted) AS copies, (SELECT count(*) FROM notified) AS notified
+       (SELECT count(*) FROM inserted) AS copies, (SELECT count(*) FROM notified) AS notified,
+       ARRAY(SELECT k FROM late) AS late
 """
 PUBLISH = sa.text(publish_ctes("FOR KEY SHARE") + PUBLISHED)
 # Shared by several requests: a subscription locked against publishes (being deleted, or marked
@@ -140,7 +167,7 @@ PUBLISH_RECEIPTS = sa.text(
     + """
 SELECT EXISTS (SELECT 1 FROM found) AS found, EXISTS (SELECT 1 FROM revoked) AS revoked,
        (SELECT count(*) FROM notified) AS notified, published.id::text AS id,
-       count(inserted.id) AS subscriptions
+       count(inserted.id) AS subscriptions, EXISTS (SELECT 1 FROM late) AS late
 FROM published LEFT JOIN inserted ON inserted.id = published.id
 GROUP BY published.n, published.id
 ORDER BY published.n
@@ -391,26 +418,48 @@ def ensure_subscription(conn: sa.Connection, subscription_id: str, token: TokenR
 
 # What became of a request's batch (publish_many).
 PUBLISHED, NO_TOPIC, REVOKED = 0, 1, 2
+TOO_LATE = 3  # its due time is more than MAX_DELAY_SECONDS away
 
-# A request's batch: (topic id, JSON array of objects as text, token to check or None).
-Batch = tuple[str, str, TokenRef | None]
+# When a batch's messages become claimable: None (now), seconds from now (0 to
+# MAX_DELAY_SECONDS), or a due time as RFC 3339 text (the database's clock decides).
+Delay = int | str | None
+
+# A request's batch: (topic id, JSON array of objects as text, token to check or None, delay).
+Batch = tuple[str, str, TokenRef | None, Delay]
 
 
 def ensure_published(outcome: int) -> None:
     """Raise what a batch that was not published answers: 401 for a revoked token (checked first,
-    as before any other statement of the request), 404 for a missing topic."""
+    as before any other statement of the request), 422 for a due time too far ahead, 404 for a
+    missing topic."""
     if outcome == REVOKED:
         raise Unauthorized(TOKEN_REVOKED)
+    if outcome == TOO_LATE:
+        raise ValidationFailed({"query.deliver_at": [DELAY_TOO_LONG]})
     if outcome == NO_TOPIC:
         raise NotFound(TOPIC_NOT_FOUND)
 
 
-def publish(conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None) -> int:
+def publish(
+    conn: sa.Connection,
+    topic_id: str,
+    payloads_json: str,
+    token: TokenRef | None = None,
+    delay: Delay = None,
+) -> int:
     """Publish a JSON array of objects (as text) to a topic; returns how many copies were queued.
-    With a token, only while it is current (clients.token_is_current)."""
-    outcomes, copies = publish_many(conn, [(topic_id, payloads_json, token)])
+    With a token, only while it is current (clients.token_is_current); with a delay, claimable
+    only from then on."""
+    outcomes, copies = publish_many(conn, [(topic_id, payloads_json, token, delay)])
     ensure_published(outcomes[0])
     return copies
+
+
+def delays_json(delays: Sequence[Delay]) -> str | None:
+    """The :delays parameter of the publish statements: None when no batch is delayed."""
+    if all(delay is None for delay in delays):
+        return None
+    return orjson.dumps(delays).decode()
 
 
 def tokens_json(tokens: Sequence[TokenRef | None]) -> str | None:
@@ -427,20 +476,26 @@ def publish_many(conn: sa.Connection, batches: Sequence[Batch], wait: bool = Tru
     subscription locked against publishes fails the statement at once
     (psycopg.errors.LockNotAvailable)."""
     params = {
-        "topic_ids": orjson.dumps([topic_id for topic_id, _, _ in batches]).decode(),
-        "payloads": "[" + ",".join(payloads for _, payloads, _ in batches) + "]",
-        "tokens": tokens_json([token for _, _, token in batches]),
+        "topic_ids": orjson.dumps([batch[0] for batch in batches]).decode(),
+        "payloads": "[" + ",".join(batch[1] for batch in batches) + "]",
+        "tokens": tokens_json([batch[2] for batch in batches]),
+        "delays": delays_json([batch[3] for batch in batches]),
     }
-    found, revoked, copies, _ = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
-    found, revoked = set(found), set(revoked)
+    found, revoked, copies, _, late = run(conn, PUBLISH if wait else PUBLISH_NOWAIT, params).fetchone()
+    found, revoked, late = set(found), set(revoked), set(late)
     outcomes = [
-        REVOKED if k in revoked else PUBLISHED if k in found else NO_TOPIC for k in range(1, len(batches) + 1)
+        REVOKED if k in revoked else TOO_LATE if k in late else PUBLISHED if k in found else NO_TOPIC
+        for k in range(1, len(batches) + 1)
     ]
     return outcomes, copies
 
 
 def publish_with_receipts(
-    conn: sa.Connection, topic_id: str, payloads_json: str, token: TokenRef | None = None
+    conn: sa.Connection,
+    topic_id: str,
+    payloads_json: str,
+    token: TokenRef | None = None,
+    delay: Delay = None,
 ) -> list[tuple[str, int]]:
     """Publish as publish() does; returns each message's (id, subscriptions that got a copy), in
     request order."""
@@ -448,14 +503,15 @@ def publish_with_receipts(
         "topic_ids": orjson.dumps([topic_id]).decode(),
         "payloads": f"[{payloads_json}]",
         "tokens": tokens_json([token]),
+        "delays": delays_json([delay]),
     }
     rows = run(conn, PUBLISH_RECEIPTS, params).fetchall()
     if not rows:  # an empty batch: nothing to answer, but the topic must exist and the token hold
-        publish(conn, topic_id, payloads_json, token)
+        publish(conn, topic_id, payloads_json, token, delay)
     else:
-        found, revoked = rows[0][:2]
-        ensure_published(REVOKED if revoked else PUBLISHED if found else NO_TOPIC)
-    return [(id, subscriptions) for _, _, _, id, subscriptions in rows]
+        found, revoked, late = rows[0][0], rows[0][1], rows[0][5]
+        ensure_published(REVOKED if revoked else TOO_LATE if late else PUBLISHED if found else NO_TOPIC)
+    return [(row[3], row[4]) for row in rows]
 
 
 def outcome_known(error: Exception) -> bool:

@@ -179,13 +179,14 @@ def backlog_families(backlog: list[dict]) -> list[Metric]:
     messages = GaugeMetricFamily(
         "pubsub_subscription_messages",
         "Messages a subscription holds, by state: available (ready now, including deliveries past"
-        " their ack deadline), delayed (waiting out a backoff), delivered (leased and not yet acked)"
-        " and dlq",
+        " their ack deadline), delayed (published with a delay that is not over), backoff (waiting"
+        " out a retry's backoff), delivered (leased and not yet acked) and dlq",
         labels=["subscription", "state"],
     )
     oldest = GaugeMetricFamily(
         "pubsub_subscription_oldest_unacked_age_seconds",
-        "Age of the subscription's oldest available or delivered message; 0 when there is none",
+        "Age of the subscription's oldest available or delivered message (delayed ones left out);"
+        " 0 when there is none",
         labels=["subscription"],
     )
     for row in backlog:

@@ -9,6 +9,7 @@ from marshmallow import fields, validate
 
 from pubsub.clients import SCOPES_PATTERN, normalize_scopes
 from pubsub.errors import InvalidInput
+from pubsub.messages import MAX_DELAY_SECONDS
 from pubsub.tables import MAX_ACK_DEADLINE_SECONDS, MIN_ACK_DEADLINE_SECONDS
 
 ID = r"[A-Za-z0-9._-]{1,128}"  # the id of a topic or a subscription
@@ -210,6 +211,42 @@ class NackQuerySchema(ma.Schema):
             raise ma.ValidationError("a dead letter is not retried: leave out delay_seconds", "dead_letter")
 
 
+class PublishQuerySchema(ma.Schema):
+    """Delayed delivery: at most one of the two."""
+
+    delay_seconds = fields.Integer(
+        validate=validate.Range(min=0, max=MAX_DELAY_SECONDS),
+        metadata=extension(
+            f"Delayed delivery: the messages become claimable this many seconds from now"
+            f" (0 to {MAX_DELAY_SECONDS}, 7 days), by the database's clock"
+        ),
+    )
+    deliver_at = fields.AwareDateTime(
+        format="iso",
+        error_messages={
+            "invalid": "must be an RFC 3339 time with a timezone, e.g. 2026-12-06T21:00:00Z"
+            " (a + in the offset must be sent as %2B)",
+            "invalid_awareness": "must have a timezone (Z or an offset such as %2B02:00)",
+        },
+        metadata=extension(
+            "Delayed delivery: the messages become claimable at this RFC 3339 time, by the"
+            " database's clock (a time past means now; at most 7 days ahead, else 422)"
+        ),
+    )
+
+    @ma.pre_load
+    def accept_lower_case(self, data, **kwargs):
+        """RFC 3339 allows t and z (Python's parser takes T and Z only)."""
+        if isinstance(data.get("deliver_at"), str):
+            data = {**data, "deliver_at": data["deliver_at"].upper()}
+        return data
+
+    @ma.validates_schema
+    def check_one_delay(self, data, **kwargs):
+        if "delay_seconds" in data and "deliver_at" in data:
+            raise ma.ValidationError("give delay_seconds or deliver_at, not both", field_name="deliver_at")
+
+
 class ExtendQuerySchema(ma.Schema):
     seconds = fields.Integer(
         validate=validate.Range(min=1, max=MAX_ACK_DEADLINE_SECONDS),
@@ -238,6 +275,9 @@ class MessageListSchema(ma.Schema):
 class SubscriptionMetricsSchema(ma.Schema):
     subscription_id = fields.String()
     available = fields.Integer(metadata={"description": "Ready now or waiting out a backoff"})
+    delayed = fields.Integer(
+        metadata=extension("Published with a delay that is not over yet (not counted as available)")
+    )
     delivered = fields.Integer(metadata={"description": "Locked by a consumer, not yet acked"})
     acked = fields.Integer(metadata={"description": "Acked and not yet cleaned up"})
     dlq = fields.Integer(metadata={"description": "Dead letters"})

@@ -136,7 +136,8 @@ def count_messages(subscription_id: str, state: int, *when) -> sa.ScalarSelect:
 
 def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     """Counts by state, from the claim index and the per-ack-statement log (never full history).
-    A delivery past its ack deadline counts as available: the next consume claims it."""
+    A delivery past its ack deadline counts as available: the next consume claims it. Messages
+    published with a delay that is not over yet count as delayed, not available."""
     m = subscription_messages
     acked = (
         sa.select(sa.func.coalesce(sa.func.sum(acked_messages.c.count), 0))
@@ -145,9 +146,12 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     )
     now = sa.func.now()
     lapsed = count_messages(subscription_id, DELIVERED, m.c.available_at <= now)
+    # Never delivered and due later: published with a delay (a retry has delivery_attempts > 0).
+    delayed = count_messages(subscription_id, AVAILABLE, m.c.available_at > now, m.c.delivery_attempts == 0)
     stmt = sa.select(
         subscriptions.c.id.label("subscription_id"),
-        (count_messages(subscription_id, AVAILABLE) + lapsed).label("available"),
+        (count_messages(subscription_id, AVAILABLE) + lapsed - delayed).label("available"),
+        delayed.label("delayed"),
         count_messages(subscription_id, DELIVERED, m.c.available_at > now).label("delivered"),
         acked.label("acked"),
         count_messages(subscription_id, DLQ).label("dlq"),
@@ -158,7 +162,7 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}
 
 
-BACKLOG_STATES = ("available", "delayed", "delivered", "dlq")
+BACKLOG_STATES = ("available", "delayed", "backoff", "delivered", "dlq")
 
 
 def count_backlog(conn: sa.Connection) -> list[dict]:
@@ -173,10 +177,22 @@ def count_backlog(conn: sa.Connection) -> list[dict]:
             sa.func.count()
             .filter(m.c.state.in_((AVAILABLE, DELIVERED)), m.c.available_at <= now)
             .label("available"),
-            sa.func.count().filter(m.c.state == AVAILABLE, m.c.available_at > now).label("delayed"),
+            # Published with a delay that is not over (never delivered), or waiting out a backoff.
+            sa.func.count()
+            .filter(m.c.state == AVAILABLE, m.c.available_at > now, m.c.delivery_attempts == 0)
+            .label("delayed"),
+            sa.func.count()
+            .filter(m.c.state == AVAILABLE, m.c.available_at > now, m.c.delivery_attempts > 0)
+            .label("backoff"),
             sa.func.count().filter(m.c.state == DELIVERED, m.c.available_at > now).label("delivered"),
             sa.func.count().filter(m.c.state == DLQ).label("dlq"),
-            sa.func.min(m.c.created_at).filter(m.c.state.in_((AVAILABLE, DELIVERED))).label("oldest"),
+            # A delayed message is not owed to anyone yet: it would age the backlog for days.
+            sa.func.min(m.c.created_at)
+            .filter(
+                m.c.state.in_((AVAILABLE, DELIVERED)),
+                ~sa.and_(m.c.state == AVAILABLE, m.c.available_at > now, m.c.delivery_attempts == 0),
+            )
+            .label("oldest"),
         )
         .group_by(m.c.subscription_id)
         .subquery()

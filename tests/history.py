@@ -4,7 +4,8 @@ check the history for anomalies.
 
 - Producers publish batches of payloads carrying unique values (``p1-000042``), with fields that
   filters can select on (``country``, ``premium``), and record each publish's outcome: ok (2xx),
-  refused (4xx) or unknown (no response, or a 5xx: it may or may not have committed).
+  refused (4xx) or unknown (no response, or a 5xx: it may or may not have committed). Some
+  batches may be published with a delay (``?delay_seconds=N``), recorded with the publish.
 - Consumers claim batches, record every delivery (message id, value, attempts, the time interval
   of the claim), then ack or nack each message at random and record those calls too.
 - A drain acks everything left until several empty polls and the subscription's metrics show
@@ -75,6 +76,7 @@ class Publish:
     status: int | None
     t0: float
     t1: float
+    delay_seconds: float = 0.0  # claimable from the server's now() + this, no earlier than t0 + this
 
     @property
     def outcome(self) -> str:
@@ -360,9 +362,12 @@ class Producer:
         batch_size: int = 10,
         seed: int = 0,
         pause: float = 0.0,
+        delay_ratio: float = 0.0,
+        max_delay_seconds: int = 2,
     ):
         self.history, self.name, self.topic = history, name, topic
         self.batches, self.batch_size, self.pause = batches, batch_size, pause
+        self.delay_ratio, self.max_delay_seconds = delay_ratio, max_delay_seconds
         self.client = Client(history, name, port)
         self.rng = random.Random(f"{seed}-{name}")
         self.sequence = 0
@@ -378,7 +383,11 @@ class Producer:
 
     def publish_batch(self, size: int | None = None, **extra) -> Publish:
         payloads = [{**self.payload(), **extra} for _ in range(size or self.batch_size)]
-        response = self.client.request("POST", f"/topics/{quote(self.topic)}/messages", payloads)
+        delay = 0
+        if self.delay_ratio and self.rng.random() < self.delay_ratio:
+            delay = self.rng.randint(1, self.max_delay_seconds)
+        query = f"?delay_seconds={delay}" if delay else ""
+        response = self.client.request("POST", f"/topics/{quote(self.topic)}/messages{query}", payloads)
         publish = Publish(
             self.name,
             self.topic,
@@ -387,6 +396,7 @@ class Producer:
             response.status,
             response.t0,
             response.t1,
+            delay,
         )
         self.history.record_publish(publish)
         return publish
@@ -514,8 +524,8 @@ def drain(
     poll_interval: float = 0.05,
 ) -> None:
     """Ack everything left, one thread per subscription, until `empty_polls` empty polls in a
-    row and metrics showing nothing available (ready or in backoff) or locked; bounded by
-    `seconds`. Records each subscription's final metrics, which the checker looks at."""
+    row and metrics showing nothing available (ready or in backoff), delayed or locked; bounded
+    by `seconds`. Records each subscription's final metrics, which the checker looks at."""
     deadline = time.monotonic() + seconds
 
     def drain_one(subscription: str) -> None:
@@ -532,8 +542,7 @@ def drain(
                 break
             empties += 1
             if empties >= empty_polls:
-                metrics = consumer.client.metrics(subscription)
-                if metrics and metrics["available"] == 0 and metrics["delivered"] == 0:
+                if is_drained(consumer.client.metrics(subscription)):
                     break
             time.sleep(poll_interval)
         metrics = consumer.client.metrics(subscription)
@@ -547,14 +556,20 @@ def drain(
     workers.join(timeout=seconds + 15, stop=False)
 
 
+def is_drained(metrics: dict | None) -> bool:
+    """Whether a subscription's metrics show nothing available, delayed or locked."""
+    return metrics is not None and not (
+        metrics["available"] or metrics.get("delayed") or metrics["delivered"]
+    )
+
+
 def wait_until_consumed(client: Client, subscriptions: Iterable[str], seconds: float = 20.0) -> bool:
-    """Wait (bounded) until no subscription has messages available or locked, as its consumers
-    work through the backlog and the retries; True if they got there."""
+    """Wait (bounded) until no subscription has messages available, delayed or locked, as its
+    consumers work through the backlog and the retries; True if they got there."""
     deadline = time.monotonic() + seconds
     pending = list(subscriptions)
     while pending and time.monotonic() < deadline:
-        metrics = client.metrics(pending[0])
-        if metrics is not None and metrics["available"] == 0 and metrics["delivered"] == 0:
+        if is_drained(client.metrics(pending[0])):
             pending.pop(0)
         else:
             time.sleep(0.1)
@@ -659,6 +674,7 @@ ANOMALIES = (
     "acked_twice",
     "redelivered_after_ack",
     "not_drained",
+    "early",
 )
 
 
@@ -673,6 +689,7 @@ class Report:
     acked_twice: list[str] = field(default_factory=list)  # two acks that surely took effect
     redelivered_after_ack: list[str] = field(default_factory=list)  # claimed after an ack surely deleted it
     not_drained: list[str] = field(default_factory=list)  # messages left available or locked at the end
+    early: list[str] = field(default_factory=list)  # claimed before its publish's delay was surely over
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -715,7 +732,9 @@ def check(history: History) -> Report:
     - unexpected: a delivered value never published, whose publish was refused (4xx), whose
       payload changed, or that its subscription's topic or filter should not have let in;
     - duplicated: one value under two message ids in a subscription, i.e. a publish applied
-      twice (a publish of unknown outcome may appear or not, but once).
+      twice (a publish of unknown outcome may appear or not, but once);
+    - early: a delivery of a delayed publish's value, surely claimed (by its t1) before the delay
+      was over (the server's now() at the publish was at t0 at the earliest).
     """
     report = Report()
     by_value: dict[str, tuple[Publish, dict]] = {}
@@ -797,6 +816,14 @@ def check(history: History) -> Report:
         reason = unexpected_reason(delivery, by_value, history.subscriptions.get(subscription))
         if reason:
             report.unexpected.append(f"{subscription}/{delivery.value} ({message_id}): {reason}")
+        publish = by_value.get(delivery.value, (None,))[0]
+        if publish is not None and publish.delay_seconds:
+            due = publish.t0 + publish.delay_seconds
+            for early in (d for d in deliveries if d.t1 < due - SLACK):
+                report.early.append(
+                    f"{subscription}/{delivery.value} ({message_id}): published at {publish.t0:.3f} with a"
+                    f" {publish.delay_seconds}s delay, claimed by {early.t1:.3f} by {early.consumer}"
+                )
     for (subscription, value), message_ids in ids_by_value.items():
         if len(message_ids) > 1:
             report.duplicated.append(f"{subscription}/{value}: delivered as {sorted(message_ids)}")
@@ -830,7 +857,7 @@ def check(history: History) -> Report:
                     f"{len(deliveries)} deliveries, never acked"
                 )
         metrics = history.final_metrics.get(info.id)
-        if metrics and (metrics["available"] or metrics["delivered"]):
+        if metrics and not is_drained(metrics):
             report.not_drained.append(f"{info.id}: {metrics}")
 
     outcomes = defaultdict(int)
@@ -838,6 +865,7 @@ def check(history: History) -> Report:
         outcomes[publish.outcome] += len(publish.values)
     report.stats = {
         "values published ok": outcomes["ok"],
+        "delayed": sum(len(p.values) for p in history.publishes if p.outcome == "ok" and p.delay_seconds),
         "refused": outcomes["refused"],
         "unknown": outcomes["unknown"],
         "deliveries": len(history.deliveries),

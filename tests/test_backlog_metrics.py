@@ -26,9 +26,9 @@ from tests.test_serve import (
     wait_until_live,
 )
 
-STATES = ("available", "delayed", "delivered", "dlq")
+STATES = ("available", "delayed", "backoff", "delivered", "dlq")
 ZEROS = {**dict.fromkeys(STATES, 0), "age": 0}
-LONG_BACKOFF = {"backoff_min_seconds": 300, "backoff_max_seconds": 300}  # nacked: delayed all test long
+LONG_BACKOFF = {"backoff_min_seconds": 300, "backoff_max_seconds": 300}  # nacked: in backoff all test long
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +98,45 @@ def test_each_message_counts_in_exactly_one_state(api, client):
     api.nack("dying", [m["id"] for m in dying])  # out of attempts: dead letters
 
     backlog = backlog_of(client)
-    assert counts(backlog["retrying"]) == {"available": 3, "delayed": 1, "delivered": 2, "dlq": 0}
-    assert counts(backlog["dying"]) == {"available": 4, "delayed": 0, "delivered": 0, "dlq": 2}
+    assert counts(backlog["retrying"]) == {
+        "available": 3,
+        "delayed": 0,
+        "backoff": 1,
+        "delivered": 2,
+        "dlq": 0,
+    }
+    assert counts(backlog["dying"]) == {"available": 4, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 2}
 
     api.ack("retrying", [m["id"] for m in retrying[1:]])  # acked messages leave the backlog
-    assert counts(backlog_of(client)["retrying"]) == {"available": 3, "delayed": 1, "delivered": 0, "dlq": 0}
+    assert counts(backlog_of(client)["retrying"]) == {
+        "available": 3,
+        "delayed": 0,
+        "backoff": 1,
+        "delivered": 0,
+        "dlq": 0,
+    }
 
 
-def test_a_delayed_message_counts_as_available_once_its_backoff_ends(api, client):
+def test_a_nacked_message_counts_as_available_once_its_backoff_ends(api, client):
     api.create_topic("orders")
     api.create_subscription("sub", "orders", backoff_min_seconds=1, backoff_max_seconds=1)
     api.publish("orders", [{"n": 1}])
     api.nack("sub", [api.consume("sub")[0]["id"]])
-    assert counts(backlog_of(client)["sub"]) == {"available": 0, "delayed": 1, "delivered": 0, "dlq": 0}
+    assert counts(backlog_of(client)["sub"]) == {
+        "available": 0,
+        "delayed": 0,
+        "backoff": 1,
+        "delivered": 0,
+        "dlq": 0,
+    }
     time.sleep(1.2)
-    assert counts(backlog_of(client)["sub"]) == {"available": 1, "delayed": 0, "delivered": 0, "dlq": 0}
+    assert counts(backlog_of(client)["sub"]) == {
+        "available": 1,
+        "delayed": 0,
+        "backoff": 0,
+        "delivered": 0,
+        "dlq": 0,
+    }
 
 
 def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_touches_it(api, client):
@@ -123,16 +147,29 @@ def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_to
     response = client.post("/subscriptions/sub/extend?seconds=1", json=[lapsing["ack_id"]])
     assert response.status_code == 204, response.json
     time.sleep(1.2)  # no consume and no cleanup-stuck in between: the row is still "delivered"
-    assert counts(backlog_of(client)["sub"]) == {"available": 1, "delayed": 0, "delivered": 1, "dlq": 0}
+    assert counts(backlog_of(client)["sub"]) == {
+        "available": 1,
+        "delayed": 0,
+        "backoff": 0,
+        "delivered": 1,
+        "dlq": 0,
+    }
     assert api.metrics("sub") | {"acked": None} == {
         "subscription_id": "sub",
         "available": 1,
+        "delayed": 0,
         "delivered": 1,
         "acked": None,
         "dlq": 0,
     }
     assert [message["id"] for message in api.consume("sub")] == [lapsing["id"]]  # as it said
-    assert counts(backlog_of(client)["sub"]) == {"available": 0, "delayed": 0, "delivered": 2, "dlq": 0}
+    assert counts(backlog_of(client)["sub"]) == {
+        "available": 0,
+        "delayed": 0,
+        "backoff": 0,
+        "delivered": 2,
+        "dlq": 0,
+    }
 
 
 def test_oldest_unacked_age_covers_available_and_delivered_messages_only(api, client):
@@ -311,9 +348,9 @@ def test_every_worker_reports_the_backlog_once_not_summed(database_url, tmp_path
         dead = call("GET", "/subscriptions/dying/messages?consumer_id=c&batch_size=2")["data"]
         call("POST", "/subscriptions/dying/nacks", [m["id"] for m in dead], 204)
         expected = {
-            "retrying": {"available": 3, "delayed": 1, "delivered": 2, "dlq": 0},
-            "dying": {"available": 4, "delayed": 0, "delivered": 0, "dlq": 2},
-            "none": {"available": 0, "delayed": 0, "delivered": 0, "dlq": 0},
+            "retrying": {"available": 3, "delayed": 0, "backoff": 1, "delivered": 2, "dlq": 0},
+            "dying": {"available": 4, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 2},
+            "none": {"available": 0, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 0},
         }
 
         # Scrape until each worker has answered several times (each keeps its own cached count).

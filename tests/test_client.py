@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -142,6 +142,49 @@ def test_publish_returns_the_ids_that_consumers_get(ps):
     assert first.created_at.tzinfo is not None
 
 
+def test_publish_with_a_delay_is_claimable_only_once_it_is_over(ps):
+    ps.create_subscription("sub", "orders")
+    [later] = ps.publish("orders", [{"n": 1}], delay_seconds=1)
+    [due] = ps.publish(
+        "orders", [{"n": 2}], deliver_at=datetime(2000, 1, 1, tzinfo=timezone(timedelta(hours=2)))
+    )
+    assert [m.id for m in ps.consume("sub", "c1", 10)] == [due]
+    assert ps.metrics("sub")["delayed"] == 1
+    got = wait_for(lambda: ps.consume("sub", "c1", 10), "the delayed message", timeout=3)
+    assert [m.id for m in got] == [later]
+
+
+def test_publish_with_deliver_at_sends_the_time_with_its_offset(ps):
+    ps.create_subscription("sub", "orders")
+    soon = datetime.now(timezone(timedelta(hours=-3))) + timedelta(seconds=60)
+    ps.publish("orders", [{"n": 1}], deliver_at=soon)
+    ps.publish("orders", [{"n": 2}], deliver_at=soon.isoformat())
+    assert ps.consume("sub", "c1", 10) == [] and ps.metrics("sub")["delayed"] == 2
+
+
+@pytest.mark.parametrize(
+    "delay",
+    [
+        {"delay_seconds": 1, "deliver_at": "2030-01-01T00:00:00Z"},
+        {"deliver_at": datetime(2030, 1, 1)},  # naive: whose clock?
+    ],
+    ids=["both", "naive"],
+)
+def test_a_delay_the_client_can_tell_is_wrong_raises_before_sending(ps, delay):
+    with pytest.raises(ValueError):
+        ps.publish("orders", [{"n": 1}], **delay)
+    with pytest.raises(ValueError):
+        Publisher(ps, "orders", **delay)
+
+
+def test_a_delay_the_server_refuses_raises_a_validation_error(ps):
+    with pytest.raises(ValidationError) as caught:
+        ps.publish("orders", [{"n": 1}], deliver_at=datetime.now(UTC) + timedelta(days=8))
+    assert "query.deliver_at" in caught.value.errors
+    with pytest.raises(ValidationError):
+        ps.publish("orders", [{"n": 1}], delay_seconds=-1)
+
+
 def test_ack_nack_extend_use_lease_qualified_ids_so_a_stale_one_does_nothing(ps):
     ps.create_subscription("sub", "orders")
     ps.publish("orders", [{"n": 1}])
@@ -157,6 +200,7 @@ def test_ack_nack_extend_use_lease_qualified_ids_so_a_stale_one_does_nothing(ps)
     assert ps.metrics("sub") == {
         "subscription_id": "sub",
         "available": 0,
+        "delayed": 0,
         "delivered": 0,
         "acked": 1,
         "dlq": 0,
@@ -456,6 +500,14 @@ def test_publisher_futures_resolve_to_the_ids_consumers_get(ps):
         futures = [publisher.publish({"n": n}) for n in range(2500)]
     ids = [f.result(0) for f in futures]
     assert {m.id: m.payload["n"] for m in drain(ps, "sub")} == {i: n for n, i in enumerate(ids)}
+
+
+def test_a_delayed_publishers_batches_share_its_delay(ps):
+    ps.create_subscription("sub", "orders")
+    with Publisher(ps, "orders", max_batch_messages=3, delay_seconds=60) as publisher:
+        futures = [publisher.publish({"n": n}) for n in range(7)]
+    assert len({f.result(0) for f in futures}) == 7
+    assert ps.consume("sub", "c1", 10) == [] and ps.metrics("sub")["delayed"] == 7
 
 
 def test_publisher_batches_by_count_and_by_bytes(ps):

@@ -92,6 +92,7 @@ def test_every_published_message_is_consumed_exactly_once_when_all_ack(busy_app,
     assert api.metrics() == {
         "subscription_id": "sub",
         "available": 0,
+        "delayed": 0,
         "delivered": 0,
         "acked": total,
         "dlq": 0,

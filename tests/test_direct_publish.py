@@ -129,6 +129,16 @@ CASES = [
     ("Prefer, ignored", PUBLISH, {"json": [{"n": 1}], "headers": {"Prefer": "respond-async"}}, False, 204),
     ("an id that needs decoding", "/topics/%C3%A9t%C3%A9/messages", {"json": [{"n": 1}]}, False, 404),
     ("a trailing slash", PUBLISH + "/", {"json": [{"n": 1}]}, False, 404),
+    # Delayed delivery: a valid delay is a plain publish; anything the view would read is not.
+    ("a delay", PUBLISH + "?delay_seconds=60", {"json": [{"n": 1}]}, True, 204),
+    ("a due time", PUBLISH + "?deliver_at=2020-01-01T00:00:00%2B01:00", {"json": [{"n": 1}]}, True, 204),
+    ("a due time too far", PUBLISH + "?deliver_at=2999-01-01T00:00:00Z", {"json": [{"n": 1}]}, True, 422),
+    ("a delay to a missing topic", "/topics/missing/messages?delay_seconds=1", {"json": [{}]}, True, 404),
+    ("a bad delay", PUBLISH + "?delay_seconds=-1", {"json": [{"n": 1}]}, False, 422),
+    ("two delays", PUBLISH + "?delay_seconds=1&deliver_at=2030-01-01T00:00:00Z", {"json": [{}]}, False, 422),
+    ("a delay twice", PUBLISH + "?delay_seconds=1&delay_seconds=2", {"json": [{"n": 1}]}, False, 204),
+    ("another parameter", PUBLISH + "?trace=1", {"json": [{"n": 1}]}, False, 204),
+    ("a delay and a bad body", PUBLISH + "?delay_seconds=1", {"json": [1]}, False, 422),
 ]
 
 

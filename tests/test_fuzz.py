@@ -199,6 +199,13 @@ def states_inexpressible_rule(case, response) -> bool:
     # Between parameters: a nack with dead_letter=true takes no delay_seconds.
     if errors == {"query.dead_letter": ["a dead letter is not retried: leave out delay_seconds"]}:
         return True
+    # Delayed delivery: delay_seconds or deliver_at, not both (OpenAPI 3.0 cannot make parameters
+    # exclusive), and a deliver_at at most 7 days after the database's now() (a moving bound).
+    if errors in (
+        {"query.deliver_at": ["give delay_seconds or deliver_at, not both"]},
+        {"query.deliver_at": [messages.DELAY_TOO_LONG]},
+    ):
+        return case.operation.path == "/topics/{id}/messages"
     # A filter key of 1-256 characters: OpenAPI 3.0 has no propertyNames.
     if errors and all(re.fullmatch(r"json\.filter\..*\.key", location) for location in errors):
         return True

@@ -424,12 +424,12 @@ def test_publish_many_answers_each_batch_published_missing_or_revoked(app, api, 
         clients.delete_client(conn, gone)
     kept_token, gone_token = (str(kept), 1), (str(gone), 1)
     batches = [
-        ("orders", '[{"n": 1}]', None),
-        ("orders", '[{"n": 2}]', kept_token),
-        ("orders", '[{"n": 3}]', gone_token),
-        ("orders", '[{"n": 4}]', (str(kept), 2)),  # an older token_version than the client's
-        ("nowhere", '[{"n": 5}]', kept_token),
-        ("nowhere", '[{"n": 6}]', gone_token),
+        ("orders", '[{"n": 1}]', None, None),
+        ("orders", '[{"n": 2}]', kept_token, None),
+        ("orders", '[{"n": 3}]', gone_token, None),
+        ("orders", '[{"n": 4}]', (str(kept), 2), None),  # an older token_version than the client's
+        ("nowhere", '[{"n": 5}]', kept_token, None),
+        ("nowhere", '[{"n": 6}]', gone_token, None),
     ]
     with app.app_context(), db.connect() as conn:
         outcomes, copies = messages.publish_many(conn, batches)

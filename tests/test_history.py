@@ -201,6 +201,29 @@ def test_checker_ignores_the_messages_of_a_deleted_subscription(synthetic):
     assert check(synthetic).ok
 
 
+def test_checker_reports_a_delayed_message_claimed_before_its_time_and_accepts_one_claimed_after(synthetic):
+    synthetic.record_publish(
+        Publish("p", "t", ["late"], [{"value": "late", "country": "BR"}], 204, 3.0, 3.01, 2)
+    )
+    delivered(synthetic, "late", "m-late", "c1", t=5.0)  # claimed in [5.0, 5.01]: due from 5.0 on
+    settled(synthetic, "ack", "m-late", "c1", t=5.1)
+    assert check(synthetic).ok, check(synthetic).summary()
+    assert check(synthetic).stats["delayed"] == 1
+    synthetic.record_publish(
+        Publish("p", "t", ["soon"], [{"value": "soon", "country": "BR"}], 204, 3.0, 3.01, 2)
+    )
+    delivered(synthetic, "soon", "m-soon", "c2", t=4.0)  # by 4.01: a second early
+    settled(synthetic, "ack", "m-soon", "c2", t=4.1)
+    report = check(synthetic)
+    assert len(report.early) == 1 and report.early[0].startswith("s/soon (m-soon)"), report.summary()
+    assert not report.ok
+
+
+def test_checker_reports_delayed_messages_left_behind_by_the_drain(synthetic):
+    synthetic.record_metrics("s", {"available": 0, "delayed": 3, "delivered": 0, "acked": 2, "dlq": 0})
+    assert len(check(synthetic).not_drained) == 1
+
+
 def test_journal_of_a_killed_consumer_is_read_back_without_its_cut_line(tmp_path):
     journal = tmp_path / "c1.jsonl"
     child = History(journal=journal)
@@ -382,6 +405,39 @@ def test_consumers_dead_letter_some_messages_an_operator_redrives_them_and_nothi
     assert metrics["acked"] + metrics["dlq"] == 2 * 20 * 10 and metrics["dlq"] == len(dead)
 
 
+@pytest.mark.slow
+def test_delayed_publishes_are_delivered_once_each_never_before_their_time_and_none_is_lost(
+    live_port, history, workers
+):
+    subscriptions = ["all", "br"]
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    for subscription in subscriptions:
+        admin.create_subscription(subscription, "orders", FILTERS[subscription])
+    # Half the batches wait 1 or 2 s: consumers poll all along, so they claim each at its time.
+    producers = start_producers(
+        workers, history, live_port, ["orders"] * 3, batches=15, pause=0.05, delay_ratio=0.5
+    )
+    consumers = [subscriptions[i % 2] for i in range(4)]
+    start_consumers(workers, history, live_port, consumers, batch_size=20, nack_ratio=0.2, idle_sleep=0.02)
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, subscriptions), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, subscriptions)
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert report.stats["values published ok"] == 3 * 15 * 10
+    assert 0 < report.stats["delayed"] < report.stats["values published ok"]
+    for subscription in subscriptions:
+        expected = published_values(history, "orders", FILTERS[subscription])
+        assert delivered_values(history, subscription) == expected, subscription
+    # Delayed values were claimed by the workload's consumers (not only by the drain), at their time.
+    delayed = {v for p in history.publishes if p.delay_seconds for v in p.values}
+    assert {d.value for d in history.deliveries if not d.consumer.startswith("drain-")} & delayed
+
+
 # --- Scenario 2: consumers killed mid-batch ----------------------------------------------------
 
 LOCK_TIMEOUT = 2  # seconds, for cleanup-stuck
@@ -527,7 +583,14 @@ def test_a_poison_message_that_crashes_every_consumer_ends_in_the_dlq_while_the_
         s for s in history.settles if s.kind == "ack" and poisoned[0].t1 < s.t0 and s.t1 < poisoned[-1].t0
     ]
     assert acked_meanwhile
-    metrics = {"subscription_id": "work", "available": 0, "delivered": 0, "acked": 2 * 15 * 10, "dlq": 1}
+    metrics = {
+        "subscription_id": "work",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 2 * 15 * 10,
+        "dlq": 1,
+    }
     assert admin.metrics("work") == metrics
 
 

@@ -129,7 +129,14 @@ def test_an_expired_lease_out_of_attempts_goes_to_the_dlq_instead(orders, api):
     assert second["delivery_attempts"] == 2
     expire(api, "sub", second["ack_id"])
     assert api.consume("sub", "worker-2") == []
-    assert api.metrics() == {"subscription_id": "sub", "available": 0, "delivered": 0, "acked": 0, "dlq": 1}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 0,
+        "dlq": 1,
+    }
     [dead] = api.dlq("sub")
     assert (dead["id"], dead["payload"], dead["delivery_attempts"]) == (first["id"], {"poison": True}, 2)
 
@@ -270,7 +277,14 @@ def test_outcomes_come_per_item_in_request_order_for_mixed_ids_and_tokens(orders
     ]
     expected = ["not_found", "acked", "acked", "stale", "stale", "not_found"]
     assert outcomes(api, "sub", "acks", items) == expected
-    assert api.metrics() == {"subscription_id": "sub", "available": 1, "delivered": 1, "acked": 2, "dlq": 0}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 1,
+        "delayed": 0,
+        "delivered": 1,
+        "acked": 2,
+        "dlq": 0,
+    }
 
 
 SPELLINGS = {
@@ -399,7 +413,14 @@ def test_nack_with_a_delay_still_dead_letters_exhausted_attempts(orders, api):
     api.publish("orders", [{"n": 1}])
     [message] = api.consume("sub")
     assert outcomes(api, "sub", "nacks", [message["ack_id"]], delay_seconds=3600) == ["nacked"]
-    assert api.metrics() == {"subscription_id": "sub", "available": 0, "delivered": 0, "acked": 0, "dlq": 1}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 0,
+        "dlq": 1,
+    }
     assert [m["id"] for m in api.dlq("sub")] == [message["id"]]
 
 

@@ -87,7 +87,14 @@ def test_ack_removes_messages_and_counts_them(orders, api):
     api.publish("orders", [{"n": n} for n in range(3)])
     ids = [m["id"] for m in api.consume("sub")]
     api.ack("sub", ids[:2])
-    assert api.metrics() == {"subscription_id": "sub", "available": 0, "delivered": 1, "acked": 2, "dlq": 0}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 1,
+        "acked": 2,
+        "dlq": 0,
+    }
     api.ack("sub", ids[:2])  # acking twice changes nothing
     assert api.metrics()["acked"] == 2
 
@@ -217,7 +224,14 @@ def test_nack_after_the_last_attempt_dead_letters(orders, api):
         assert len(ids) == 2
         api.nack("sub", ids)
     assert api.consume("sub") == []
-    assert api.metrics() == {"subscription_id": "sub", "available": 0, "delivered": 0, "acked": 0, "dlq": 2}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 0,
+        "dlq": 2,
+    }
     dead = api.dlq("sub")
     assert [(m["payload"], m["delivery_attempts"]) for m in dead] == [({"n": 1}, 2), ({"n": 2}, 2)]
 
@@ -271,7 +285,14 @@ def test_metrics_count_every_state(orders, api):
     m = api.consume("sub", batch_size=4)
     api.ack("sub", [m[0]["id"]])
     api.nack("sub", [m[1]["id"]])  # attempts used up: dead letter
-    assert api.metrics() == {"subscription_id": "sub", "available": 2, "delivered": 2, "acked": 1, "dlq": 1}
+    assert api.metrics() == {
+        "subscription_id": "sub",
+        "available": 2,
+        "delayed": 0,
+        "delivered": 2,
+        "acked": 1,
+        "dlq": 1,
+    }
 
 
 @pytest.mark.parametrize(

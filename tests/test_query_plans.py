@@ -42,11 +42,13 @@ COLD = "orders-billing"  # keeps up: a few percent of each table
 QUIET = "audit-alerts"  # almost nothing queued, never acked
 OTHERS = ("orders-shipping", "orders-analytics", "audit-archive")
 
-# Blocks of messages; retrying: nacked, due again after a backoff (available_at in the future).
+# Blocks of messages; retrying: nacked, due again after a backoff (available_at in the future),
+# or, never delivered, published with a delay.
 FIELDS = ("subscription_id", "state", "delivery_attempts", "retrying", "count")
 MESSAGES = [
     (HOT, AVAILABLE, 0, False, 90_000),
     (HOT, AVAILABLE, 1, True, 5_000),
+    (HOT, AVAILABLE, 0, True, 3_000),
     (HOT, DELIVERED, 1, False, 2_000),
     (HOT, DLQ, 5, False, 1_000),
     *[
@@ -54,6 +56,7 @@ MESSAGES = [
         for subscription_id in (COLD, *OTHERS)
         for block in (
             (subscription_id, AVAILABLE, 0, False, 8_000),
+            (subscription_id, AVAILABLE, 0, True, 200),
             (subscription_id, DELIVERED, 1, False, 500),
             (subscription_id, DLQ, 5, False, 500),
         )
@@ -288,6 +291,33 @@ def test_custom_plans_of_the_hot_path_use_indexes_at_100k_rows(conn, backlog, na
 def test_generic_plans_of_the_hot_path_use_indexes_at_100k_rows(conn, backlog, name):
     # A generic plan does not depend on the values, so one subscription stands for all.
     check_plan(conn, backlog, name, HOT, "force_generic_plan")
+
+
+def message_reads(node: dict) -> list[str]:
+    """How a plan reads subscription_messages, read by read: the index's name (with "range" when
+    its condition names the subscription), or the node type."""
+    found = []
+    read = None
+    if node.get("Relation Name") == "subscription_messages" and node["Node Type"] != "Bitmap Heap Scan":
+        read = node.get("Index Name") or node["Node Type"]
+    elif node["Node Type"] == "Bitmap Index Scan" and node["Index Name"].startswith("ix_subscription"):
+        read = node["Index Name"]
+    if read is not None:
+        found.append(f"{read} range" if "subscription_id =" in node.get("Index Cond", "") else read)
+    for child in node.get("Plans", ()):
+        found.extend(message_reads(child))
+    return found
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+@pytest.mark.parametrize("subscription_id", [COLD, QUIET])
+def test_every_count_of_the_metrics_reads_the_claim_index(conn, backlog, subscription_id, plan_cache_mode):
+    # available, delayed, delivered, dlq: each count a range of the claim index, delayed included
+    # (its delivery_attempts = 0 is a filter on the few rows due later, not a reason to scan).
+    statement, params = metrics_statement(backlog, subscription_id)
+    plan, text = explain_prepared(conn, statement, params, plan_cache_mode)
+    reads = message_reads(plan)
+    assert len(reads) >= 5 and set(reads) == {"ix_subscription_messages_claim range"}, text
 
 
 def test_plan_check_catches_a_claim_without_its_index(conn, backlog):

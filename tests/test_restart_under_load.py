@@ -349,6 +349,7 @@ def test_postgresql_restarted_under_load_gives_503s_then_recovers_and_loses_noth
         assert metrics == {
             "subscription_id": subscription,
             "available": 0,
+            "delayed": 0,
             "delivered": 0,
             "acked": len(delivered),
             "dlq": 0,

@@ -178,7 +178,14 @@ def test_delete_subscription_removes_its_messages_only(orders, api, client):
     assert api.metrics("b")["available"] == 1
     # Re-creating it starts empty: nothing of the old one is left behind.
     api.create_subscription("a", "orders")
-    assert api.metrics("a") == {"subscription_id": "a", "available": 0, "delivered": 0, "acked": 0, "dlq": 0}
+    assert api.metrics("a") == {
+        "subscription_id": "a",
+        "available": 0,
+        "delayed": 0,
+        "delivered": 0,
+        "acked": 0,
+        "dlq": 0,
+    }
 
 
 def test_delete_missing_subscription_is_404(client):

@@ -72,6 +72,21 @@ class Message:
         )
 
 
+def delay_query(delay_seconds: int | None, deliver_at: datetime | str | None) -> str:
+    """The query string of a delayed publish ("" for none): ?delay_seconds=N or ?deliver_at=T."""
+    if delay_seconds is not None and deliver_at is not None:
+        raise ValueError("give delay_seconds or deliver_at, not both")
+    if delay_seconds is not None:
+        return "?" + urlencode({"delay_seconds": int(delay_seconds)})
+    if isinstance(deliver_at, datetime):
+        if deliver_at.utcoffset() is None:
+            raise ValueError("deliver_at must be an aware datetime (with a timezone)")
+        deliver_at = deliver_at.isoformat()
+    if deliver_at is not None:
+        return "?" + urlencode({"deliver_at": deliver_at})  # a + in the offset becomes %2B
+    return ""
+
+
 class _NotSent(Exception):
     """The request never reached the server (connection refused, or it failed while being sent)."""
 
@@ -177,22 +192,40 @@ class Client:
     def delete_topic(self, topic_id: str) -> None:
         self._call("DELETE", f"/topics/{quote(topic_id, safe='')}")
 
-    def publish(self, topic_id: str, payloads: Iterable[dict]) -> list[str]:
+    def publish(
+        self,
+        topic_id: str,
+        payloads: Iterable[dict],
+        delay_seconds: int | None = None,
+        deliver_at: datetime | str | None = None,
+    ) -> list[str]:
         """Publish JSON objects; their message ids, in order. Over 1000 go in several requests,
-        in order: an error leaves the earlier ones published."""
+        in order: an error leaves the earlier ones published. With delay_seconds (0 to 604800)
+        or deliver_at (an aware datetime, or RFC 3339 text), the messages become claimable only
+        then, by the server's clock (each request's delay counts from its own arrival)."""
+        query = delay_query(delay_seconds, deliver_at)
         payloads = list(payloads)
         ids: list[str] = []
         for start in range(0, max(len(payloads), 1), MAX_PUBLISH_BATCH):
             body = DUMPS(payloads[start : start + MAX_PUBLISH_BATCH]).encode()
-            ids.extend(self.publish_raw(topic_id, body))
+            ids.extend(self._publish(topic_id, body, query))
         return ids
 
-    def publish_raw(self, topic_id: str, body: bytes) -> list[str]:
+    def publish_raw(
+        self,
+        topic_id: str,
+        body: bytes,
+        delay_seconds: int | None = None,
+        deliver_at: datetime | str | None = None,
+    ) -> list[str]:
         """Publish a JSON array of objects given as bytes; the message ids, in order. Retried only
-        when the request surely did not reach the server."""
+        when the request surely did not reach the server. A delay as for publish()."""
+        return self._publish(topic_id, body, delay_query(delay_seconds, deliver_at))
+
+    def _publish(self, topic_id: str, body: bytes, query: str) -> list[str]:
         answer = self._call(
             "POST",
-            f"/topics/{quote(topic_id, safe='')}/messages",
+            f"/topics/{quote(topic_id, safe='')}/messages{query}",
             body,
             idempotent=False,
             headers={"Prefer": "return=representation"},

@@ -4,8 +4,9 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+from datetime import datetime
 
-from pubsub_client.client import DUMPS, MAX_PUBLISH_BATCH, Client
+from pubsub_client.client import DUMPS, MAX_PUBLISH_BATCH, Client, delay_query
 
 log = logging.getLogger("pubsub_client")
 
@@ -13,7 +14,9 @@ log = logging.getLogger("pubsub_client")
 class Publisher:
     """publish(payload) queues a JSON object and returns a Future of its message id. A batch
     leaves when it holds max_batch_messages or max_batch_bytes, or linger_seconds after its first
-    message; publish() blocks while max_queued_messages are waiting for their answer.
+    message; publish() blocks while max_queued_messages are waiting for their answer. With
+    delay_seconds or deliver_at, every batch is published with that delay (Client.publish): a
+    batch's messages share one due time.
 
     A batch fails or succeeds whole: every future of a batch gets its ids, or the same exception.
     A batch whose request may have reached the server is never sent again (its futures get a
@@ -27,9 +30,14 @@ class Publisher:
         max_batch_bytes: int = 1_000_000,
         linger_seconds: float = 0.005,
         max_queued_messages: int = 10_000,
+        delay_seconds: int | None = None,
+        deliver_at: datetime | str | None = None,
     ):
         if not 1 <= max_batch_messages <= MAX_PUBLISH_BATCH:
             raise ValueError(f"max_batch_messages must be 1-{MAX_PUBLISH_BATCH}")
+        delay_query(delay_seconds, deliver_at)  # a bad delay fails here, not in every batch
+        delay = {"delay_seconds": delay_seconds, "deliver_at": deliver_at}
+        self._delay = {name: value for name, value in delay.items() if value is not None}
         self.client = client
         self.topic = topic
         self.max_batch_messages = max_batch_messages
@@ -143,7 +151,8 @@ class Publisher:
                 return
             data, futures = batch
             try:
-                ids = self.client.publish_raw(self.topic, b"[" + b",".join(data) + b"]")
+                body = b"[" + b",".join(data) + b"]"
+                ids = self.client.publish_raw(self.topic, body, **self._delay)
                 if len(ids) != len(futures):
                     raise RuntimeError(f"{len(ids)} receipts for {len(futures)} messages")
             except BaseException as error:  # every future must get an answer

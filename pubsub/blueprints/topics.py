@@ -3,7 +3,9 @@
 import io
 import re
 from collections.abc import Sequence
+from urllib.parse import parse_qsl
 
+import marshmallow as ma
 import orjson
 from flask import Flask, current_app
 from flask.views import MethodView
@@ -32,6 +34,7 @@ from pubsub.schemas import (
     PUBLISH_BODY,
     ErrorSchema,
     PaginationSchema,
+    PublishQuerySchema,
     ReceiptListSchema,
     TopicCreateSchema,
     TopicListSchema,
@@ -86,6 +89,7 @@ class Topic(MethodView):
 @blp.route("/<id>/messages")
 class TopicMessages(MethodView):
     @require_scope("topics", "publish")
+    @blp.arguments(PublishQuerySchema, location="query")
     @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
     @document_prefer
     @blp.response(204)
@@ -99,17 +103,23 @@ class TopicMessages(MethodView):
     @blp.alt_response(404, schema=ErrorSchema, description="Topic not found")
     @blp.alt_response(413, schema=ErrorSchema, description="Body larger than API_MAX_BODY_BYTES")
     @blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")
-    @blp.alt_response(422, schema=ErrorSchema, description="Not an array of at most 1000 objects")
-    def post(self, id):
+    @blp.alt_response(
+        422,
+        schema=ErrorSchema,
+        description="Not an array of at most 1000 objects; a bad delay_seconds or deliver_at, both,"
+        " or a deliver_at more than 7 days ahead",
+    )
+    def post(self, query, id):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
         token = auth.revocation_token()  # checked by the publish statement itself
+        delay = publish_delay(query)
         if not wants_representation():
-            publish_grouped(id, raw.decode(), token)
+            publish_grouped(id, raw.decode(), token, delay)
             return None
         with db.connect() as conn:
-            receipts = messages.publish_with_receipts(conn, id, raw.decode(), token)
+            receipts = messages.publish_with_receipts(conn, id, raw.decode(), token, delay)
         return representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
 
 
@@ -119,9 +129,18 @@ PUBLISH_GROUP_MAX_REQUESTS = 64
 PUBLISH_GROUP_MAX_BYTES = 256 * 1024
 
 
-def publish_grouped(topic_id: str, payloads: str, token: TokenRef | None) -> None:
+def publish_delay(query: dict) -> messages.Delay:
+    """A publish's delay as the statement takes it: seconds, a due time in RFC 3339, or None."""
+    if "deliver_at" in query:
+        return query["deliver_at"].isoformat()
+    return query.get("delay_seconds")
+
+
+def publish_grouped(
+    topic_id: str, payloads: str, token: TokenRef | None, delay: messages.Delay = None
+) -> None:
     """Publish one request's batch, in a statement shared with concurrent publishes, if its token
-    (None: auth off) is still current."""
+    (None: auth off) is still current; with a delay, claimable only from then on."""
     group = current_app.extensions.get("pubsub_publish_group")
     if group is None:
         group = current_app.extensions.setdefault(
@@ -135,7 +154,7 @@ def publish_grouped(topic_id: str, payloads: str, token: TokenRef | None) -> Non
             ),
         )
     db.run_all_pending()  # the statement may run on another request's connection
-    messages.ensure_published(group.run((topic_id, payloads, token), len(payloads)))
+    messages.ensure_published(group.run((topic_id, payloads, token, delay), len(payloads)))
 
 
 def publish_group(batches: Sequence[messages.Batch]) -> list[int]:
@@ -150,11 +169,13 @@ def publish_alone(batch: messages.Batch) -> int:
 
 # A publish that is plainly valid, sent without Prefer, with a token that allows it when auth is
 # on: the view would store its body as is and answer 204. Its topic id is one topics can have, so
-# it needs no URL decoding.
+# it needs no URL decoding. Its query string is empty, or a valid delay and nothing else.
 DIRECT_PATH = re.compile(f"/topics/({ID})/messages")
 DIRECT_LENGTH = re.compile(r"[0-9]{1,12}")
 NO_CONTENT = f"204 {HTTP_STATUS_CODES[204].upper()}"  # as Werkzeug spells it
 PUBLISH_ACTIONS = ("publish",)
+PUBLISH_QUERY = PublishQuerySchema()
+NOT_DIRECT = object()  # a query string that the view reads
 
 
 class DirectPublish:
@@ -182,8 +203,9 @@ class DirectPublish:
                 return self.publish(environ, start_response, batch)
         return self.wsgi_app(environ, start_response)
 
-    def plain_publish(self, environ) -> tuple[str, int] | None:
-        """The topic id and body size of what looks like a plain publish, or None for Flask."""
+    def plain_publish(self, environ) -> tuple[str, int, messages.Delay] | None:
+        """The topic id, body size and delay of what looks like a plain publish, or None for
+        Flask."""
         if (
             environ.get("REQUEST_METHOD") != "POST"
             or "HTTP_PREFER" in environ
@@ -198,9 +220,13 @@ class DirectPublish:
         size = int(length[0])
         if limit is not None and size > limit:
             return None
-        return path[1], size
+        query = environ.get("QUERY_STRING")
+        delay = direct_delay(query) if query else None
+        if delay is NOT_DIRECT:
+            return None
+        return path[1], size, delay
 
-    def read_batch(self, environ, topic_id: str, size: int) -> messages.Batch | None:
+    def read_batch(self, environ, topic_id: str, size: int, delay: messages.Delay) -> messages.Batch | None:
         """The publish's batch, once its token (with auth on) and body pass the view's checks, or
         None for Flask. In the app's context."""
         token = None
@@ -215,7 +241,7 @@ class DirectPublish:
         except OSError:
             return None  # Flask meets the same broken stream, and answers it as usual
         if len(raw) == size and is_plain_batch(raw):
-            return topic_id, raw.decode(), token
+            return topic_id, raw.decode(), token, delay
         environ["wsgi.input"] = io.BytesIO(raw)
         return None
 
@@ -229,6 +255,19 @@ class DirectPublish:
             return answer_error(self.app, environ, start_response, error)
         start_response(NO_CONTENT, [])
         return []
+
+
+def direct_delay(query_string: str):
+    """The delay a query string asks for, or NOT_DIRECT when the view is to read it (anything
+    else in it, a name twice, or a value that the view answers with a 422)."""
+    try:
+        pairs = parse_qsl(query_string, keep_blank_values=True, strict_parsing=True, errors="strict")
+        names = {name for name, _ in pairs}
+        if len(names) != len(pairs) or not names <= PUBLISH_QUERY.fields.keys():
+            return NOT_DIRECT
+        return publish_delay(PUBLISH_QUERY.load(dict(pairs)))
+    except (ValueError, ma.ValidationError):  # UnicodeDecodeError is a ValueError
+        return NOT_DIRECT
 
 
 def is_plain_batch(raw: bytes) -> bool:
