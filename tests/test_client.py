@@ -240,6 +240,7 @@ def test_operators_dead_letter_redrive_and_purge(ps):
         "available": 0,
         "delivered": 0,
         "acked": 0,
+        "delayed": 0,
         "dlq": 0,
     }
     assert len(ids) == 6

@@ -48,6 +48,7 @@ def test_a_dead_letter_nack_sends_the_message_to_the_dlq_at_once_with_its_attemp
         "available": 0,
         "delivered": 1,
         "acked": 0,
+        "delayed": 0,
         "dlq": 1,
     }
     api.nack("sub", [second["id"]])  # a plain nack still retries
@@ -213,6 +214,7 @@ def test_purging_the_dlq_deletes_every_dead_letter_and_nothing_else(sub, api, cl
         "available": 1,
         "delivered": 0,
         "acked": 0,
+        "delayed": 0,
         "dlq": 0,
     }
 
@@ -270,6 +272,7 @@ def test_purging_the_backlog_deletes_available_and_delivered_but_not_the_dlq(sub
         "available": 0,
         "delivered": 0,
         "acked": 0,
+        "delayed": 0,
         "dlq": 2,
     }
 
