@@ -49,6 +49,11 @@ CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS = 3600
 # `flask pubsub cleanup-stuck`. Named after the lock timeout fastpubsub's cleanup job used.
 CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60
 
+# Idempotent publish (the Idempotency-Key header): how long a publish's key is remembered, in
+# seconds. A repeat within it gets the first answer and stores nothing; after it, a key is new
+# again. `flask pubsub cleanup-idempotency-keys` deletes older records.
+PUBLISH_IDEMPOTENCY_SECONDS = 24 * 3600
+
 # Long-poll consume (wait_seconds): how often waiting consumers look for messages that became
 # claimable without a publish to wake them (a backoff or ack deadline running out, a
 # reprocess, a lost notification), in seconds.

@@ -78,6 +78,7 @@ def check_config(config: dict[str, Any]) -> None:
         "LONG_POLL_RECHECK_SECONDS": 1,
         "LONG_POLL_MAX_WAITERS": 1,
         "METRICS_BACKLOG_CACHE_SECONDS": 0,
+        "PUBLISH_IDEMPOTENCY_SECONDS": 1,
     }
     for name, low in at_least.items():
         value = config[name]
