@@ -55,10 +55,12 @@ def cleanup_idempotency_keys(older_than: int | None) -> None:
     """Forget the Idempotency-Keys of publishes older than the window."""
     if older_than is None:
         older_than = current_app.config["PUBLISH_IDEMPOTENCY_SECONDS"]
+    with db.begin() as conn:
+        cutoff = idempotency.key_cutoff(conn, older_than)
     total = 0
     while True:  # a transaction per chunk: no long lock on a large backlog of keys
         with db.begin() as conn:
-            count = idempotency.delete_publish_keys(conn, older_than)
+            count = idempotency.delete_publish_keys(conn, cutoff)
         total += count
         if count < idempotency.DELETE_CHUNK:
             break
