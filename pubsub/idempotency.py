@@ -8,6 +8,7 @@ reads the record and answers from it) or rolls back (the second publishes).
 """
 
 import hashlib
+from datetime import datetime
 
 import psycopg
 import sqlalchemy as sa
@@ -101,22 +102,27 @@ def publish_once(
 DELETE_CHUNK = 10_000
 
 
+def key_cutoff(conn: sa.Connection, older_than_seconds: int) -> datetime:
+    """The record time before which the cleanup forgets keys: now, by the database's clock, less
+    older_than_seconds."""
+    interval = sa.func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
+    return conn.execute(sa.select(sa.func.now() - interval)).scalar_one()
+
+
 # The oldest records first, found through the index on their time, deleted by their row address:
-# the statement reads only what it deletes. The time is checked again on the row deleted, and a
-# record replaced since (a key reused after the window) has another address: it stays.
+# the statement reads only what it deletes. The cutoff is a value, not now() less an interval, so
+# that the planner sees from its statistics how few rows it selects. The time is checked again on
+# the row deleted, and a record replaced since (a key reused after the window) has another
+# address: it stays.
 DELETE_EXPIRED_KEYS = sa.text("""
 DELETE FROM publish_keys
 WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM publish_keys
-    WHERE created_at < now() - make_interval(secs => :older_than)
-    ORDER BY created_at
-    LIMIT :limit
-)) AND created_at < now() - make_interval(secs => :older_than)
+    SELECT ctid FROM publish_keys WHERE created_at < :cutoff ORDER BY created_at LIMIT :limit
+)) AND created_at < :cutoff
 """)
 
 
-def delete_publish_keys(conn: sa.Connection, older_than_seconds: int, limit: int | None = None) -> int:
-    """Forget up to `limit` (DELETE_CHUNK) keys recorded longer ago than older_than_seconds,
-    oldest first; returns how many."""
-    params = {"older_than": older_than_seconds, "limit": limit or DELETE_CHUNK}
-    return conn.execute(DELETE_EXPIRED_KEYS, params).rowcount
+def delete_publish_keys(conn: sa.Connection, cutoff: datetime, limit: int | None = None) -> int:
+    """Forget up to `limit` (DELETE_CHUNK) keys recorded before the cutoff, oldest first; returns
+    how many."""
+    return conn.execute(DELETE_EXPIRED_KEYS, {"cutoff": cutoff, "limit": limit or DELETE_CHUNK}).rowcount
