@@ -3,16 +3,32 @@ and key within PUBLISH_IDEMPOTENCY_SECONDS; a repeat gets the first answer, the 
 included; another body with the same key is a 422; concurrent requests with one key store once;
 the cleanup command forgets old keys."""
 
+import re
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from pubsub import clients, db, idempotency
 from pubsub.errors import RetryConflict
 from tests.auth_support import bearer, new_client, token_request
+from tests.history import (
+    Client,
+    Consumer,
+    Delivery,
+    History,
+    Producer,
+    Publish,
+    Settle,
+    check,
+    drain,
+    wait_until_consumed,
+)
 
 PUBLISH = "/topics/orders/messages"
 PREFER = {"Prefer": "return=representation"}
@@ -358,3 +374,215 @@ def test_the_openapi_document_marks_the_header_as_an_extension(client):
     assert header["x-pubsub-extension"] is True and "Extension to the fastpubsub API" in header["description"]
     assert "Extension to the fastpubsub API" in operation["responses"]["409"]["description"]
     assert "Idempotent-Replayed" in operation["responses"]["201"]["headers"]
+
+
+# --- a publisher whose answers are lost, under the history checker -------------------------------
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to the server that passes requests on whole and drops every
+    `every`-th response: it reads that response to its end (so the server has committed and
+    answered) and closes the client's connection instead of passing it on, as a network that
+    fails after the server's commit would."""
+
+    def __init__(self, target_port: int, every: int):
+        self.target_port, self.every = target_port, every
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.responses = 0
+        self.cut = 0
+        self.sockets: list[socket.socket] = []
+        self.threads = [self.start(self.serve)]
+
+    def start(self, target, *args) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        return thread
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=WAIT)
+            except OSError:
+                return  # closed
+            with self.lock:
+                self.sockets += [client, upstream]
+                self.threads += [
+                    self.start(self.pass_requests, client, upstream),
+                    self.start(self.pass_responses, upstream, client),
+                ]
+
+    def pass_requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := client.recv(65536):
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            close_both(client, upstream)
+
+    def pass_responses(self, upstream: socket.socket, client: socket.socket) -> None:
+        reader = upstream.makefile("rb")
+        try:
+            while head := read_head(reader):
+                length = re.search(rb"\r\ncontent-length: *([0-9]+)", head, re.IGNORECASE)
+                body = reader.read(int(length[1])) if length else b""
+                with self.lock:
+                    self.responses += 1
+                    cut = self.responses % self.every == 0
+                    self.cut += cut
+                if cut:
+                    return
+                client.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            reader.close()
+            close_both(client, upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                close_both(sock)
+        for thread in self.threads:
+            thread.join(WAIT)
+
+
+def read_head(reader) -> bytes:
+    """A response's status line and headers, up to and with the blank line; b"" at the end."""
+    head = b""
+    while line := reader.readline():
+        head += line
+        if line == b"\r\n":
+            return head
+    return b""
+
+
+def close_both(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+class RetryingProducer(Producer):
+    """A producer that publishes each batch until it gets an answer (up to `attempts` times),
+    with an Idempotency-Key of its own and asking for receipts when `keyed`, and without (as a
+    client that retries blindly) when not. Every attempt is recorded."""
+
+    def __init__(self, *args, keyed: bool, attempts: int = 10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keyed, self.attempts = keyed, attempts
+
+    def publish_batch(self, size: int | None = None, **extra) -> Publish:
+        payloads = [{**self.payload(), **extra} for _ in range(size or self.batch_size)]
+        key = f"{self.name}-{self.sequence}" if self.keyed else None
+        headers = {"Idempotency-Key": key, "Prefer": "return=representation"} if key else {}
+        for _ in range(self.attempts):
+            response = self.client.request("POST", f"/topics/{self.topic}/messages", payloads, headers)
+            ids = [r["id"] for r in response.body["data"]] if response.status == 201 else None
+            values = [p["value"] for p in payloads]
+            publish = Publish(
+                self.name, self.topic, values, payloads, response.status, response.t0, response.t1, key, ids
+            )
+            self.history.record_publish(publish)
+            if publish.outcome != "unknown":
+                break
+        return publish
+
+
+class QuietHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn
+
+    def log_request(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def live_app(make_app):
+    # Production error handling (no TESTING), and a database connection for every client thread.
+    return make_app(TESTING=False, DATABASE_POOL_SIZE=20, DATABASE_MAX_OVERFLOW=10)
+
+
+@pytest.fixture
+def live_port(live_app) -> Iterator[int]:
+    """The app on werkzeug's threaded server, on a loopback port of its own."""
+    server = make_server("127.0.0.1", 0, live_app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server.port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+
+
+@pytest.fixture
+def proxy(live_port) -> Iterator[CuttingProxy]:
+    cutting = CuttingProxy(live_port, every=3)
+    try:
+        yield cutting
+    finally:
+        cutting.close()
+
+
+FILTERS = {"all": None, "br": {"country": ["BR"]}}
+PRODUCERS, BATCHES, BATCH_SIZE = 4, 15, 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keyed", [True, False], ids=["with-key", "without-key"])
+def test_publishes_retried_after_their_answer_was_lost_are_stored_once_with_their_key(
+    live_port, proxy, history, workers, keyed
+):
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    for subscription, filter in FILTERS.items():
+        admin.create_subscription(subscription, "orders", filter)
+    producers = [
+        workers.start(
+            f"p{i}",
+            RetryingProducer(
+                history, proxy.port, f"p{i}", "orders", batches=BATCHES, seed=i, keyed=keyed
+            ).run,
+            workers.stopped,
+        )
+        for i in range(PRODUCERS)
+    ]
+    for i, subscription in enumerate([*FILTERS, *FILTERS]):
+        consumer = Consumer(history, live_port, f"c{i}", subscription, seed=i, batch_size=20)
+        workers.start(f"c{i}", consumer.run, workers.stopped)
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, list(FILTERS)), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, list(FILTERS))
+
+    report = check(history)
+    lost_answers = [p for p in history.publishes if p.status is None]
+    assert proxy.cut >= 5 and len(lost_answers) == proxy.cut, report.summary()
+    assert report.stats["values published ok"] == PRODUCERS * BATCHES * BATCH_SIZE, report.summary()
+    if keyed:
+        assert report.ok, report.summary()
+        # Each cut publish was committed, retried, and answered from its key's record.
+        answered = [p for p in history.publishes if p.status == 201]
+        assert all(len(p.ids) == len(p.values) for p in answered), report.summary()
+    else:  # the control: the same retries without a key store the cut batches twice
+        assert len(report.duplicated) >= proxy.cut * BATCH_SIZE // 2, report.summary()
+
+
+def test_the_checker_reports_a_value_delivered_under_another_id_than_its_receipt():
+    history = History()
+    history.record_subscription("s", "t", None, created=0.0)
+    payload = {"value": "a"}
+    history.record_publish(Publish("p", "t", ["a"], [payload], 201, 0.5, 0.6, "k", ["m-1"]))
+    history.record_deliveries([Delivery("s", "c", "m-2", "a", payload, 1, 1.0, 1.1)])
+    history.record_settle(Settle("ack", "s", "c", ["m-2"], 204, 1.2, 1.3))
+    assert check(history).unexpected == ["s/a (m-2): its publish's receipt named m-1"]
+    history.publishes[0].ids = ["m-2"]
+    assert check(history).ok
