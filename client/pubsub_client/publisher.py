@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, InvalidStateError
 
 from pubsub_client.client import DUMPS, MAX_PUBLISH_BATCH, Client
@@ -16,8 +17,11 @@ class Publisher:
     message; publish() blocks while max_queued_messages are waiting for their answer.
 
     A batch fails or succeeds whole: every future of a batch gets its ids, or the same exception.
-    A batch whose request may have reached the server is never sent again (its futures get a
-    ConnectionFailedError with maybe_stored=True, or a ServerError)."""
+    Each batch carries an Idempotency-Key of its own (a new UUID), so a batch whose answer was
+    lost (a cut connection, a 503) is sent again, up to the client's max_retries, and stored once:
+    the server answers the repeat with the first one's ids. With idempotency_keys=False (a server
+    without the extension), a batch whose request may have reached the server is never sent
+    again (its futures get a ConnectionFailedError with maybe_stored=True, or a ServerError)."""
 
     def __init__(
         self,
@@ -27,6 +31,7 @@ class Publisher:
         max_batch_bytes: int = 1_000_000,
         linger_seconds: float = 0.005,
         max_queued_messages: int = 10_000,
+        idempotency_keys: bool = True,
     ):
         if not 1 <= max_batch_messages <= MAX_PUBLISH_BATCH:
             raise ValueError(f"max_batch_messages must be 1-{MAX_PUBLISH_BATCH}")
@@ -36,6 +41,7 @@ class Publisher:
         self.max_batch_bytes = max_batch_bytes
         self.linger_seconds = linger_seconds
         self.max_queued_messages = max(1, max_queued_messages)
+        self.idempotency_keys = idempotency_keys
         lock = threading.Lock()
         self._has_work = threading.Condition(lock)  # the sender waits on it
         self._has_room = threading.Condition(lock)  # publish() waits on it (back-pressure)
@@ -143,7 +149,8 @@ class Publisher:
                 return
             data, futures = batch
             try:
-                ids = self.client.publish_raw(self.topic, b"[" + b",".join(data) + b"]")
+                key = str(uuid.uuid4()) if self.idempotency_keys else None
+                ids = self.client.publish_raw(self.topic, b"[" + b",".join(data) + b"]", key)
                 if len(ids) != len(futures):
                     raise RuntimeError(f"{len(ids)} receipts for {len(futures)} messages")
             except BaseException as error:  # every future must get an answer
