@@ -10,13 +10,12 @@ reads the record and answers from it) or rolls back (the second publishes).
 import hashlib
 from datetime import datetime
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from pubsub import messages
-from pubsub.errors import TOPIC_NOT_FOUND, InvalidInput, NotFound, RetryConflict
-from pubsub.tables import publish_keys
+from pubsub.errors import InvalidInput, RetryConflict
+from pubsub.tables import publish_keys, topics
 
 # A message's receipt: its id and how many subscriptions got a copy.
 Receipt = tuple[str, int]
@@ -33,10 +32,12 @@ def claim_publish_key(
     conn: sa.Connection, topic_id: str, key: str, digest: bytes, window_seconds: int
 ) -> bool:
     """Take the key for this publish: true if it is new (or its record is older than the window,
-    which is then replaced), false if another publish holds it. Waits for a publish in progress
-    with the same key to end."""
-    expired = publish_keys.c.created_at <= sa.func.now() - sa.func.make_interval(
-        0, 0, 0, 0, 0, 0, sa.cast(window_seconds, sa.Integer)
+    or than the topic, deleted and created again since: the record is then replaced), false if
+    another publish holds it. Waits for a publish in progress with the same key to end."""
+    topic_created = sa.select(topics.c.created_at).where(topics.c.id == topic_id).scalar_subquery()
+    expired = sa.or_(
+        publish_keys.c.created_at <= sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, window_seconds),
+        publish_keys.c.created_at < topic_created,
     )
     statement = (
         insert(publish_keys)
@@ -53,12 +54,7 @@ def claim_publish_key(
         )
         .returning(publish_keys.c.key)
     )
-    try:
-        return conn.execute(statement).first() is not None
-    except sa.exc.IntegrityError as error:
-        if isinstance(error.orig, psycopg.errors.ForeignKeyViolation):
-            raise NotFound(TOPIC_NOT_FOUND) from None
-        raise
+    return conn.execute(statement).first() is not None
 
 
 def record_receipts(conn: sa.Connection, topic_id: str, key: str, receipts: list[Receipt]) -> None:

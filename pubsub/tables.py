@@ -159,8 +159,10 @@ publish_keys = sa.Table(
     metadata,
     # A publish sent with an Idempotency-Key (an extension): its key, per topic, and its answer,
     # written in the publish's own transaction, so that a repeat finds both the messages and the
-    # record or neither. Deleting the topic forgets its keys.
-    sa.Column("topic_id", sa.Text, sa.ForeignKey("topics.id", ondelete="CASCADE"), nullable=False),
+    # record or neither. No foreign key to topics, which would make every TRUNCATE of topics name
+    # this table too: a record older than its topic (deleted and created again since) counts as
+    # expired (idempotency.claim_publish_key), and the cleanup deletes it after the window.
+    sa.Column("topic_id", sa.Text, nullable=False),
     sa.Column("key", sa.Text, nullable=False),
     # SHA-256 of the request body: a repeat with another body is refused (422).
     sa.Column("body_hash", sa.LargeBinary, nullable=False),

@@ -26,9 +26,6 @@ def upgrade():
             "subscriptions", postgresql.ARRAY(sa.Integer()), server_default=sa.text("'{}'"), nullable=False
         ),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["topic_id"], ["topics.id"], name=op.f("fk_publish_keys_topic_id_topics"), ondelete="CASCADE"
-        ),
         sa.PrimaryKeyConstraint("topic_id", "key", name=op.f("pk_publish_keys")),
     )
     op.create_index(op.f("ix_publish_keys_created_at"), "publish_keys", ["created_at"], unique=False)
