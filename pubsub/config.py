@@ -53,6 +53,10 @@ CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS = 60
 # statement in its own short transaction, so that a million rows never hold locks that stall
 # consumers (pubsub.operations).
 OPERATIONS_CHUNK_ROWS = 2000
+# Idempotent publish (the Idempotency-Key header): how long a publish's key is remembered, in
+# seconds. A repeat within it gets the first answer and stores nothing; after it, a key is new
+# again. `flask pubsub cleanup-idempotency-keys` deletes older records.
+PUBLISH_IDEMPOTENCY_SECONDS = 24 * 3600
 
 # Long-poll consume (wait_seconds): how often waiting consumers look for messages that became
 # claimable without a publish to wake them (a backoff or ack deadline running out, a

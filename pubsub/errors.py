@@ -55,6 +55,14 @@ class DatabaseUnavailable(PubSubError):
         super().__init__(detail)
 
 
+class RetryConflict(PubSubError):
+    """A request that met another one in progress with the same effect (a publish with the same
+    Idempotency-Key): it changed nothing, and a retry will find the other's outcome."""
+
+    status = 409
+    headers = {"Retry-After": "1"}
+
+
 class InvalidInput(PubSubError):
     """Input that passed the schema but cannot be accepted (e.g. a NUL character in a payload)."""
 

@@ -79,6 +79,7 @@ def check_config(config: dict[str, Any]) -> None:
         "LONG_POLL_MAX_WAITERS": 1,
         "METRICS_BACKLOG_CACHE_SECONDS": 0,
         "OPERATIONS_CHUNK_ROWS": 1,
+        "PUBLISH_IDEMPOTENCY_SECONDS": 1,
     }
     for name, low in at_least.items():
         value = config[name]

@@ -23,7 +23,7 @@ Design notes (the performance issue holds these to numbers):
 """
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = sa.MetaData(
     naming_convention={
@@ -152,4 +152,26 @@ clients = sa.Table(
     sa.Column("token_version", sa.Integer, nullable=False, server_default=sa.text("1")),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+publish_keys = sa.Table(
+    "publish_keys",
+    metadata,
+    # A publish sent with an Idempotency-Key (an extension): its key, per topic, and its answer,
+    # written in the publish's own transaction, so that a repeat finds both the messages and the
+    # record or neither. No foreign key to topics, which would make every TRUNCATE of topics name
+    # this table too: a record older than its topic (deleted and created again since) counts as
+    # expired (idempotency.claim_publish_key), and the cleanup deletes it after the window.
+    sa.Column("topic_id", sa.Text, nullable=False),
+    sa.Column("key", sa.Text, nullable=False),
+    # SHA-256 of the request body: a repeat with another body is refused (422).
+    sa.Column("body_hash", sa.LargeBinary, nullable=False),
+    # The receipts of the first publish, in request order: each message's id and how many
+    # subscriptions got a copy.
+    sa.Column("message_ids", ARRAY(UUID(as_uuid=True)), nullable=False, server_default=sa.text("'{}'")),
+    sa.Column("subscriptions", ARRAY(sa.Integer), nullable=False, server_default=sa.text("'{}'")),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.PrimaryKeyConstraint("topic_id", "key"),
+    # cleanup-idempotency-keys reads only the records it deletes.
+    sa.Index("ix_publish_keys_created_at", "created_at"),
 )

@@ -24,7 +24,7 @@ from tests.history import History, Workers
 TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
 pytest_plugins = ["tests.auth_support"]  # auth fixtures shared by the test_auth*.py modules
 
-TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics", "clients")
+TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics", "clients", "publish_keys")
 
 
 def admin_conninfo(url: str) -> str:

@@ -77,6 +77,9 @@ class Publish:
     t0: float
     t1: float
     delay_seconds: float = 0.0  # claimable from the server's now() + this, no earlier than t0 + this
+    # A publish sent with an Idempotency-Key, and the message ids its receipts named, if it asked.
+    key: str | None = None
+    ids: list[str] | None = None
 
     @property
     def outcome(self) -> str:
@@ -289,10 +292,10 @@ class Client:
             self.conn.close()
             self.conn = None
 
-    def request(self, method: str, path: str, body: object = None) -> Response:
+    def request(self, method: str, path: str, body: object = None, headers: dict | None = None) -> Response:
         if self.conn is not None and time.monotonic() - self.last_used > IDLE_RECONNECT:
             self.close()
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        headers = {**({"Content-Type": "application/json"} if body is not None else {}), **(headers or {})}
         data = None if body is None else json.dumps(body)
         t0 = time.monotonic()
         try:
@@ -732,7 +735,10 @@ def check(history: History) -> Report:
     - unexpected: a delivered value never published, whose publish was refused (4xx), whose
       payload changed, or that its subscription's topic or filter should not have let in;
     - duplicated: one value under two message ids in a subscription, i.e. a publish applied
-      twice (a publish of unknown outcome may appear or not, but once);
+      twice (a publish of unknown outcome may appear or not, but once; a publish retried with
+      its Idempotency-Key, once in all);
+    - unexpected also: a value delivered under another id than a 2xx publish's receipt named
+      (a repeat of a keyed publish must answer the first one's ids);
     - early: a delivery of a delayed publish's value, surely claimed (by its t1) before the delay
       was over (the server's now() at the publish was at t0 at the earliest).
     """
@@ -809,11 +815,20 @@ def check(history: History) -> Report:
                 + ", ".join(f"{d.consumer} at {a.t1:.3f} ({d.message_id})" for d, a in acks)
             )
 
+    # The message id each value got, as the receipts of a publish that answered 2xx named it.
+    receipts = {
+        value: message_id
+        for publish in history.publishes
+        if publish.outcome == "ok" and publish.ids is not None
+        for value, message_id in zip(publish.values, publish.ids, strict=False)
+    }
     ids_by_value: dict[tuple[str, str | None], set[str]] = defaultdict(set)
     for (subscription, message_id), deliveries in by_message.items():
         delivery = deliveries[0]
         ids_by_value[subscription, delivery.value].add(message_id)
         reason = unexpected_reason(delivery, by_value, history.subscriptions.get(subscription))
+        if reason is None and receipts.get(delivery.value, message_id) != message_id:
+            reason = f"its publish's receipt named {receipts[delivery.value]}"
         if reason:
             report.unexpected.append(f"{subscription}/{delivery.value} ({message_id}): {reason}")
         publish = by_value.get(delivery.value, (None,))[0]

@@ -21,6 +21,8 @@ MAX_PUBLISH_BATCH = 1000  # messages per publish request, the server's limit
 MAX_IDS = 1000  # ids per ack, nack, extend or reprocess request
 PAGE = 100  # the server's largest page
 RETRY_STATUSES = (502, 503, 504)
+# A keyed publish also retries a 409: another request with its key was in progress.
+KEYED_PUBLISH_RETRY_STATUSES = (409, *RETRY_STATUSES)
 BACKOFF_BASE = 0.2  # seconds; attempt n sleeps up to BACKOFF_BASE * 2**n (full jitter)
 BACKOFF_CAP = 10.0
 # A kept-alive connection idle longer than this may have been closed by the server (gunicorn's
@@ -198,17 +200,20 @@ class Client:
         payloads: Iterable[dict],
         delay_seconds: int | None = None,
         deliver_at: datetime | str | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
         """Publish JSON objects; their message ids, in order. Over 1000 go in several requests,
         in order: an error leaves the earlier ones published. With delay_seconds (0 to 604800)
         or deliver_at (an aware datetime, or RFC 3339 text), the messages become claimable only
-        then, by the server's clock (each request's delay counts from its own arrival)."""
-        query = delay_query(delay_seconds, deliver_at)
+        then, by the server's clock (each request's delay counts from its own arrival). With an
+        idempotency_key (at most 1000 objects: one key names one request), see publish_raw."""
         payloads = list(payloads)
+        if idempotency_key is not None and len(payloads) > MAX_PUBLISH_BATCH:
+            raise ValueError(f"an idempotency_key names one request: at most {MAX_PUBLISH_BATCH} payloads")
         ids: list[str] = []
         for start in range(0, max(len(payloads), 1), MAX_PUBLISH_BATCH):
             body = DUMPS(payloads[start : start + MAX_PUBLISH_BATCH]).encode()
-            ids.extend(self._publish(topic_id, body, query))
+            ids.extend(self.publish_raw(topic_id, body, delay_seconds, deliver_at, idempotency_key))
         return ids
 
     def publish_raw(
@@ -217,19 +222,30 @@ class Client:
         body: bytes,
         delay_seconds: int | None = None,
         deliver_at: datetime | str | None = None,
+        idempotency_key: str | None = None,
     ) -> list[str]:
-        """Publish a JSON array of objects given as bytes; the message ids, in order. Retried only
-        when the request surely did not reach the server. A delay as for publish()."""
-        return self._publish(topic_id, body, delay_query(delay_seconds, deliver_at))
-
-    def _publish(self, topic_id: str, body: bytes, query: str) -> list[str]:
-        answer = self._call(
-            "POST",
-            f"/topics/{quote(topic_id, safe='')}/messages{query}",
-            body,
-            idempotent=False,
-            headers={"Prefer": "return=representation"},
-        )
+        """Publish a JSON array of objects given as bytes; the message ids, in order. A delay as
+        for publish(). Without an idempotency_key, retried only when the request surely did not
+        reach the server. With one (sent as the Idempotency-Key header), retried like a read, and
+        on a 409 too: the server stores the batch once and answers every repeat (same key, body
+        and delay) with the first one's ids; a ConnectionFailedError then always says
+        maybe_stored (publish again with the same key and body to find out)."""
+        query = delay_query(delay_seconds, deliver_at)
+        headers = {"Prefer": "return=representation"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = f'"{idempotency_key}"'  # the IETF draft's string form
+        try:
+            answer = self._call(
+                "POST",
+                f"/topics/{quote(topic_id, safe='')}/messages{query}",
+                body,
+                idempotent=idempotency_key is not None,
+                headers=headers,
+                retry_statuses=KEYED_PUBLISH_RETRY_STATUSES,
+            )
+        except ConnectionFailedError as error:
+            error.maybe_stored = error.maybe_stored or idempotency_key is not None
+            raise
         return [receipt["id"] for receipt in answer["data"]]
 
     # --- Subscriptions --------------------------------------------------------------------------
@@ -422,10 +438,11 @@ class Client:
         timeout: float | None = None,
         in_flight: InFlight | None = None,
         authenticate: bool = True,
+        retry_statuses: tuple[int, ...] = RETRY_STATUSES,
     ):
         """Send a request and decode its JSON answer (None for 204), retrying what is safe to retry:
-        every failure of an idempotent call, and of the others only what surely never reached
-        the server."""
+        every failure of an idempotent call (connection errors and retry_statuses), and of the
+        others only what surely never reached the server."""
         if body is not None and not isinstance(body, bytes):
             body = DUMPS(body).encode()
         all_headers = {"Host": self._host_header, "Accept": "application/json"}
@@ -464,7 +481,7 @@ class Client:
                     renewed = True
                     self._forget_token(token)
                     continue
-                if status not in RETRY_STATUSES or not idempotent:
+                if status not in retry_statuses or not idempotent:
                     raise failure
                 retry_after = parse_retry_after(reply_headers.get("retry-after"))
             if in_flight is not None and in_flight.aborted:

@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, InvalidStateError
 from datetime import datetime
 
@@ -19,8 +20,11 @@ class Publisher:
     batch's messages share one due time.
 
     A batch fails or succeeds whole: every future of a batch gets its ids, or the same exception.
-    A batch whose request may have reached the server is never sent again (its futures get a
-    ConnectionFailedError with maybe_stored=True, or a ServerError)."""
+    Each batch carries an Idempotency-Key of its own (a new UUID), so a batch whose answer was
+    lost (a cut connection, a 503) is sent again, up to the client's max_retries, and stored once:
+    the server answers the repeat with the first one's ids. With idempotency_keys=False (a server
+    without the extension), a batch whose request may have reached the server is never sent
+    again (its futures get a ConnectionFailedError with maybe_stored=True, or a ServerError)."""
 
     def __init__(
         self,
@@ -32,6 +36,7 @@ class Publisher:
         max_queued_messages: int = 10_000,
         delay_seconds: int | None = None,
         deliver_at: datetime | str | None = None,
+        idempotency_keys: bool = True,
     ):
         if not 1 <= max_batch_messages <= MAX_PUBLISH_BATCH:
             raise ValueError(f"max_batch_messages must be 1-{MAX_PUBLISH_BATCH}")
@@ -44,6 +49,7 @@ class Publisher:
         self.max_batch_bytes = max_batch_bytes
         self.linger_seconds = linger_seconds
         self.max_queued_messages = max(1, max_queued_messages)
+        self.idempotency_keys = idempotency_keys
         lock = threading.Lock()
         self._has_work = threading.Condition(lock)  # the sender waits on it
         self._has_room = threading.Condition(lock)  # publish() waits on it (back-pressure)
@@ -152,7 +158,8 @@ class Publisher:
             data, futures = batch
             try:
                 body = b"[" + b",".join(data) + b"]"
-                ids = self.client.publish_raw(self.topic, body, **self._delay)
+                key = str(uuid.uuid4()) if self.idempotency_keys else None
+                ids = self.client.publish_raw(self.topic, body, **self._delay, idempotency_key=key)
                 if len(ids) != len(futures):
                     raise RuntimeError(f"{len(ids)} receipts for {len(futures)} messages")
             except BaseException as error:  # every future must get an answer

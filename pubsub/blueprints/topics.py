@@ -7,14 +7,15 @@ from urllib.parse import parse_qsl
 
 import marshmallow as ma
 import orjson
-from flask import Flask, current_app
+from flask import Flask, current_app, request
 from flask.views import MethodView
 from werkzeug.http import HTTP_STATUS_CODES
 
-from pubsub import auth, db, messages, topics
+from pubsub import auth, db, idempotency, messages, topics
 from pubsub.auth import require_scope
 from pubsub.blueprints import (
     Blueprint,
+    NoContent,
     answer_error,
     checked_array,
     document_prefer,
@@ -86,16 +87,82 @@ class Topic(MethodView):
             topics.delete_topic(conn, id)
 
 
+# --- Idempotent publish (an extension): the Idempotency-Key header -------------------------------
+
+IDEMPOTENCY_KEY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
+# Letters, digits and -._~:+/= (UUIDs, ULIDs, base64 and hex fit), bare or as the structured-field
+# string of the IETF httpapi draft ("..."); the quotes are not part of the key.
+KEY_CHARACTERS = r"[A-Za-z0-9._~:+/=-]{1,255}"
+IDEMPOTENCY_KEY = re.compile(f'{KEY_CHARACTERS}|"({KEY_CHARACTERS})"')
+IDEMPOTENCY_KEY_PATTERN = f'^({KEY_CHARACTERS}|"{KEY_CHARACTERS}")$'
+IDEMPOTENCY_KEY_HEADER = {
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN, "example": '"8e03978e-40d5-43e8-bc93"'},
+    "description": "IETF httpapi Idempotency-Key: a repeat of a publish with this key to the same"
+    " topic within PUBLISH_IDEMPOTENCY_SECONDS (a day) stores nothing and gets the first one's"
+    " answer, with the same message ids (Idempotent-Replayed: true); with another body it is a 422."
+    " 1-255 characters of A-Z a-z 0-9 - . _ ~ : + / =, bare or in double quotes."
+    f" {EXTENSION}",
+    "x-pubsub-extension": True,
+}
+REPLAYED = {"Idempotent-Replayed": "true"}
+REPLAYED_HEADER = {
+    "Idempotent-Replayed": {
+        "description": f"true: the answer of an earlier publish with the same Idempotency-Key. {EXTENSION}",
+        "schema": {"type": "string", "enum": ["true"]},
+        "x-pubsub-extension": True,
+    }
+}
+
+
+def document_idempotency_key(view):
+    """Document the Idempotency-Key header, which the view reads itself (as document_prefer)."""
+    apidoc = getattr(view, "_apidoc", {})
+    arguments = apidoc.get("arguments", {})
+    parameters = [*arguments.get("parameters", []), IDEMPOTENCY_KEY_HEADER]
+    view._apidoc = {**apidoc, "arguments": {**arguments, "parameters": parameters}}
+    return view
+
+
+def idempotency_key(value: str) -> str:
+    """The key of an Idempotency-Key header's value, or a 422 naming what is wrong."""
+    match = IDEMPOTENCY_KEY.fullmatch(value.strip())
+    if match is None:
+        problem = "must be 1-255 characters of A-Z a-z 0-9 - . _ ~ : + / =, bare or in double quotes"
+        raise ValidationFailed({"headers.Idempotency-Key": [problem]})
+    return match[1] or match[0]
+
+
+def publish_keyed(topic_id: str, raw: bytes, delay: messages.Delay):
+    """A publish with an Idempotency-Key: its own path, one transaction for the key's record and
+    the messages. With auth on, the token's revocation is the transaction's first statement, so a
+    repeat is refused as the first publish would be."""
+    key = idempotency_key(request.environ[IDEMPOTENCY_KEY_ENVIRON])
+    window = current_app.config["PUBLISH_IDEMPOTENCY_SECONDS"]
+    with db.begin() as conn:
+        receipts, replayed = idempotency.publish_once(conn, topic_id, key, raw, window, delay)
+    headers = REPLAYED if replayed else {}
+    if not wants_representation():
+        return NoContent(status=204, headers=headers)
+    response = representation({"data": [{"id": i, "subscriptions": n} for i, n in receipts]}, 201)
+    response.headers.update(headers)
+    return response
+
+
 @blp.route("/<id>/messages")
 class TopicMessages(MethodView):
     @require_scope("topics", "publish")
     @blp.arguments(PublishQuerySchema, location="query")
     @blp.doc(requestBody={"required": True, "content": {"application/json": {"schema": PUBLISH_BODY}}})
     @document_prefer
-    @blp.response(204)
+    @document_idempotency_key
+    @blp.response(204, headers=REPLAYED_HEADER)
     @blp.alt_response(
         201,
         schema=ReceiptListSchema,
+        headers=REPLAYED_HEADER,
         description=f"With `Prefer: return=representation`: each message's id and how many"
         f" subscriptions got a copy, in request order. {EXTENSION}",
     )
@@ -104,17 +171,26 @@ class TopicMessages(MethodView):
     @blp.alt_response(413, schema=ErrorSchema, description="Body larger than API_MAX_BODY_BYTES")
     @blp.alt_response(415, schema=ErrorSchema, description="Body is not application/json")
     @blp.alt_response(
+        409,
+        schema=ErrorSchema,
+        description="A publish with the same Idempotency-Key is in progress or was just forgotten:"
+        f" retry after Retry-After. {EXTENSION}",
+    )
+    @blp.alt_response(
         422,
         schema=ErrorSchema,
         description="Not an array of at most 1000 objects; a bad delay_seconds or deliver_at, both,"
-        " or a deliver_at more than 7 days ahead",
+        " or a deliver_at more than 7 days ahead; an invalid Idempotency-Key, or one used before"
+        " with another body or delay",
     )
     def post(self, query, id):
         """Publish a batch of up to 1000 JSON objects; each matching subscription gets a copy."""
         # Validated here, stored from the raw text: PostgreSQL parses it once, verbatim.
         _, raw = load_json_array(MAX_PUBLISH_BATCH, json_object)
-        token = auth.revocation_token()  # checked by the publish statement itself
         delay = publish_delay(query)
+        if IDEMPOTENCY_KEY_ENVIRON in request.environ:
+            return publish_keyed(id, raw, delay)
+        token = auth.revocation_token()  # checked by the publish statement itself
         if not wants_representation():
             publish_grouped(id, raw.decode(), token, delay)
             return None
@@ -209,6 +285,7 @@ class DirectPublish:
         if (
             environ.get("REQUEST_METHOD") != "POST"
             or "HTTP_PREFER" in environ
+            or IDEMPOTENCY_KEY_ENVIRON in environ
             or environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() != "application/json"
         ):
             return None

@@ -39,6 +39,7 @@ for command in (
     server.serve,
     maintenance.cleanup_acked,
     maintenance.cleanup_stuck,
+    maintenance.cleanup_idempotency_keys,
     clients.generate_secret_key,
     clients.create_client,
 ):

@@ -4,7 +4,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from pubsub import db, messages
+from pubsub import db, idempotency, messages
 
 
 @click.command("cleanup-acked")
@@ -41,3 +41,27 @@ def cleanup_stuck(lock_timeout: int | None) -> None:
         released, dead = messages.release_stuck(conn, lock_timeout)
     after = "past their ack deadline" + (f" or locked over {lock_timeout}s" if lock_timeout else "")
     click.echo(f"released {released} stuck messages, moved {dead} to the DLQ ({after})")
+
+
+@click.command("cleanup-idempotency-keys")
+@click.option(
+    "--older-than",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seconds (default: PUBLISH_IDEMPOTENCY_SECONDS).",
+)
+@with_appcontext
+def cleanup_idempotency_keys(older_than: int | None) -> None:
+    """Forget the Idempotency-Keys of publishes older than the window."""
+    if older_than is None:
+        older_than = current_app.config["PUBLISH_IDEMPOTENCY_SECONDS"]
+    with db.begin() as conn:
+        cutoff = idempotency.key_cutoff(conn, older_than)
+    total = 0
+    while True:  # a transaction per chunk: no long lock on a large backlog of keys
+        with db.begin() as conn:
+            count = idempotency.delete_publish_keys(conn, cutoff)
+        total += count
+        if count < idempotency.DELETE_CHUNK:
+            break
+    click.echo(f"deleted {total} idempotency keys older than {older_than}s")
