@@ -86,6 +86,23 @@ def test_the_same_key_with_another_body_is_a_422_and_stores_nothing(orders, clie
     assert [m["payload"] for m in stored(orders)] == [{"n": 1}]
 
 
+def test_a_keyed_publish_may_be_delayed_and_its_repeat_must_ask_for_the_same_delay(orders, client):
+    delayed = f"{PUBLISH}?delay_seconds=60"
+    first = client.post(delayed, json=[{"n": 1}], headers=keyed("k-1", **PREFER))
+    assert first.status_code == 201, first.json
+    metrics = orders.metrics("sub")
+    assert (metrics["delayed"], metrics["available"]) == (1, 0)  # stored, not yet claimable
+    again = client.post(delayed, json=[{"n": 1}], headers=keyed("k-1", **PREFER))
+    assert (again.status_code, again.json) == (201, first.json)
+    for other in (PUBLISH, f"{PUBLISH}?delay_seconds=30"):  # no delay, or another one
+        response = client.post(other, json=[{"n": 1}], headers=keyed("k-1"))
+        assert (response.status_code, response.json) == (422, {"detail": idempotency.KEY_REUSED})
+    assert orders.metrics("sub")["delayed"] == 1
+    late = client.post(f"{PUBLISH}?deliver_at=2999-01-01T00:00:00Z", json=[{"n": 2}], headers=keyed("k-2"))
+    assert late.status_code == 422, late.json  # too far ahead: refused, and the key not taken
+    assert client.post(PUBLISH, json=[{"n": 2}], headers=keyed("k-2")).status_code == 204
+
+
 def test_keys_are_per_topic(orders, client):
     orders.create_topic("payments")
     orders.create_subscription("pay", "payments")
