@@ -485,11 +485,11 @@ def record_batches(client: Client, gate: threading.Event | None = None) -> list[
     sizes: list[int] = []
     publish_raw = client.publish_raw
 
-    def recording(topic, body, idempotency_key=None):
+    def recording(topic, body, **options):
         if gate is not None:
             assert gate.wait(WAIT)
         sizes.append(len(json.loads(body)))
-        return publish_raw(topic, body, idempotency_key)
+        return publish_raw(topic, body, **options)
 
     client.publish_raw = recording
     return sizes
