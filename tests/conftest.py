@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
 from sqlalchemy.engine import make_url
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from pubsub import create_app, db
 from tests.history import History, Workers
@@ -201,3 +203,25 @@ def workers() -> Iterator[Workers]:
     workers.stop_event.set()
     for thread in workers.threads:
         thread.join(15)
+
+
+class QuietHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn
+
+    def log_request(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def threaded_server(app) -> Iterator[int]:
+    """The app on werkzeug's threaded server, on a loopback port of its own (yielded), for
+    workloads of many client threads in this process."""
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield server.port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -9,7 +9,6 @@ process and server it started, even when it fails.
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 import sqlalchemy as sa
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 from pubsub import db, messages
 from pubsub.subscriptions import create_subscription
+from tests.conftest import threaded_server
 from tests.history import (
     SLACK,
     Client,
@@ -258,13 +257,6 @@ def test_checker_filter_semantics(filter, payload, expected):
 # --- A server in this process, cleanup-stuck, and the workload's threads -----------------------
 
 
-class QuietHandler(WSGIRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn
-
-    def log_request(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def history_app(make_app):
     # Production error handling (no TESTING), and a database connection for every client thread.
@@ -274,15 +266,8 @@ def history_app(make_app):
 @pytest.fixture
 def live_port(history_app) -> Iterator[int]:
     """The app on werkzeug's threaded server, on a loopback port of its own."""
-    server = make_server("127.0.0.1", 0, history_app, threaded=True, request_handler=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with threaded_server(history_app) as port:
+        yield port
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from werkzeug.serving import WSGIRequestHandler, make_server
 
 from pubsub import clients, db, idempotency
 from pubsub.errors import RetryConflict
 from tests.auth_support import bearer, new_client, token_request
+from tests.conftest import threaded_server
 from tests.history import (
     Client,
     Consumer,
@@ -522,13 +522,6 @@ class RetryingProducer(Producer):
         return publish
 
 
-class QuietHandler(WSGIRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as gunicorn
-
-    def log_request(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def live_app(make_app):
     # Production error handling (no TESTING), and a database connection for every client thread.
@@ -538,15 +531,8 @@ def live_app(make_app):
 @pytest.fixture
 def live_port(live_app) -> Iterator[int]:
     """The app on werkzeug's threaded server, on a loopback port of its own."""
-    server = make_server("127.0.0.1", 0, live_app, threaded=True, request_handler=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
+    with threaded_server(live_app) as port:
+        yield port
 
 
 @pytest.fixture

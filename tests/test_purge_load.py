@@ -5,17 +5,15 @@ race the purge for the same rows (SKIP LOCKED on both sides)."""
 
 import http.client
 import json
-import threading
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-from werkzeug.serving import make_server
 
+from tests.conftest import threaded_server
 from tests.history import Client, Consumer, History, Workers
-from tests.test_history import QuietHandler
 
 PURGED = 1_000_000
 LIVE = 100_000  # the other subscription's backlog: more than its consumers take meanwhile
@@ -36,15 +34,8 @@ def load_app(make_app):
 
 @pytest.fixture
 def port(load_app) -> Iterator[int]:
-    server = make_server("127.0.0.1", 0, load_app, threaded=True, request_handler=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield server.port
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with threaded_server(load_app) as port:
+        yield port
 
 
 def purge(port: int, subscription: str) -> tuple[int, float, float]:
