@@ -260,7 +260,11 @@ def test_checker_filter_semantics(filter, payload, expected):
 @pytest.fixture(scope="module")
 def history_app(make_app):
     # Production error handling (no TESTING), and a database connection for every client thread.
-    return make_app(TESTING=False, DATABASE_POOL_SIZE=20, DATABASE_MAX_OVERFLOW=10)
+    # Its pool closes with the module, not the session: the suite's connections stay under
+    # PostgreSQL's max_connections (100).
+    app = make_app(TESTING=False, DATABASE_POOL_SIZE=20, DATABASE_MAX_OVERFLOW=10)
+    yield app
+    db.dispose(app)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from pubsub import db
 from tests.conftest import threaded_server
 from tests.history import Client, Consumer, History, Workers
 
@@ -29,7 +30,11 @@ FROM generate_series(1, %(count)s) AS n
 @pytest.fixture(scope="module")
 def load_app(make_app):
     # Production error handling, a connection for every client thread, and the default chunk size.
-    return make_app(TESTING=False, DATABASE_POOL_SIZE=16, DATABASE_MAX_OVERFLOW=4)
+    # Its pool closes with the module, not the session: the suite's connections stay under
+    # PostgreSQL's max_connections (100).
+    app = make_app(TESTING=False, DATABASE_POOL_SIZE=16, DATABASE_MAX_OVERFLOW=4)
+    yield app
+    db.dispose(app)
 
 
 @pytest.fixture
