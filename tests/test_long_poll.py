@@ -463,7 +463,9 @@ def test_a_full_batch_wakes_another_waiter_for_what_it_left(new_app, start_waite
     app = new_app(LONG_POLL_RECHECK_SECONDS=30)
     client = app.test_client()
     setup(client)
-    waiters = [start_waiter(app, consumer=f"w{i}", wait=4, batch_size=2) for i in range(3)]
+    # Waits of 10 s and a bound of 8: without the wake-up, what is left waits for a wait's end
+    # (the re-check is 30 s away); the 2 s between leave room for a loaded machine.
+    waiters = [start_waiter(app, consumer=f"w{i}", wait=10, batch_size=2) for i in range(3)]
     wait_for(lambda: waiting(app) == 3, 5, "3 waiting consumers")
     time.sleep(0.2)
     # Published in two statements, as two publishers would: the first wakes one waiter for one
@@ -472,7 +474,7 @@ def test_a_full_batch_wakes_another_waiter_for_what_it_left(new_app, start_waite
     publish(client, [{"n": 2}, {"n": 3}])
     wait_for(
         lambda: sum(len(w.body["data"]) for w in waiters if not w.is_alive() and w.body) == 3,
-        3,
+        8,
         "all 3 claimed",
     )
 
