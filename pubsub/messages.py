@@ -100,8 +100,19 @@ def token_params(token: TokenRef | None) -> dict:
 # MAX_DELAY_SECONDS away makes the request `late`: it publishes nothing. Delayed copies wake no
 # long-poll waiter (`notified` counts only the copies claimable now); the listener's re-check
 # finds them when they are due.
+# Ordering keys (migration 0008): a copy for a subscription with an ordering key carries the MD5 of
+# the key field's JSON value (NULL without the field, or with null in it); the trigger then makes it
+# wait behind its key's earlier messages. `ordered` first takes the ordering locks of the
+# subscriptions written to, in id order, so that publishes to several ordered subscriptions
+# cannot deadlock; the INSERT's one-time filter on it runs before any row is inserted. Without
+# ordered subscriptions it reads nothing. NOWAIT: a lock held fails the statement at once
+# (LockNotAvailable), as the FOR KEY SHARE does.
+ORDERING_KEY = "CAST(md5(CAST(NULLIF(published.payload -> subs.ordering_key, 'null') AS text)) AS uuid)"
+
+
 def publish_ctes(lock: str) -> str:
     current = token_current_sql("CAST(t.token ->> 0 AS uuid)", "CAST(t.token ->> 1 AS integer)")
+    nowait = "true" if "NOWAIT" in lock else "false"
     return f"""
 WITH revoked AS MATERIALIZED (
     SELECT t.k FROM jsonb_array_elements(CAST(:tokens AS jsonb)) WITH ORDINALITY AS t (token, k)
@@ -122,26 +133,31 @@ WITH revoked AS MATERIALIZED (
 ), found AS (
     SELECT requests.k FROM requests JOIN topics ON topics.id = requests.topic_id
 ), subs AS (
-    SELECT id, topic_id, filter, coalesce(notify_until > now(), false) AS notify
+    SELECT id, topic_id, filter, coalesce(notify_until > now(), false) AS notify, ordering_key
     FROM subscriptions WHERE topic_id IN (SELECT topic_id FROM requests) {lock}
+), ordered AS MATERIALIZED (
+    SELECT pubsub_lock_ordering(o.id, {nowait}) FROM (
+        SELECT id FROM subs WHERE ordering_key IS NOT NULL ORDER BY id
+    ) AS o
 ), published AS MATERIALIZED (
     SELECT gen_random_uuid() AS id, m.payload, b.k, m.n
     FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS b (batch, k),
          jsonb_array_elements(b.batch) WITH ORDINALITY AS m (payload, n)
 ), inserted AS (
-    INSERT INTO subscription_messages (subscription_id, id, payload, state, available_at)
-    SELECT subs.id, published.id, published.payload, {AVAILABLE}, coalesce(requests.available_at, now())
+    INSERT INTO subscription_messages (subscription_id, id, payload, state, available_at, ordering_key)
+    SELECT subs.id, published.id, published.payload, {AVAILABLE}, coalesce(requests.available_at, now()),
+           {ORDERING_KEY}
     FROM published JOIN requests ON requests.k = published.k JOIN subs ON subs.topic_id = requests.topic_id
-    WHERE subs.filter IS NULL OR NOT EXISTS (
+    WHERE (SELECT count(*) FROM ordered) >= 0 AND (subs.filter IS NULL OR NOT EXISTS (
         SELECT 1 FROM jsonb_each(subs.filter) AS f (key, allowed)
         WHERE NOT f.allowed @> jsonb_build_array(published.payload -> f.key)
-    )
+    ))
     ORDER BY published.k, published.n, subs.id
-    RETURNING subscription_id, id, available_at
+    RETURNING subscription_id, id, available_at, state
 ), notified AS (
     SELECT pg_notify('{NOTIFY_CHANNEL}', concat_ws(' ', subs.id, count(*), pg_current_xact_id()))
     FROM subs JOIN inserted ON inserted.subscription_id = subs.id
-    WHERE subs.notify AND inserted.available_at <= now()
+    WHERE subs.notify AND inserted.available_at <= now() AND inserted.state = {AVAILABLE}
     GROUP BY subs.id
 )
 """
@@ -330,6 +346,9 @@ OFFSET :offset LIMIT :limit
 # dead-letter it when its attempts are used up, so a consumer that always crashes cannot loop
 # forever. A lock timeout, when given, also releases locks older than that (deadlines extended).
 # The next consume claims expired leases itself, so this only tidies the metrics.
+# One subscription with an ordering key at a time (:subscription_id), or all the others (NULL):
+# a dead letter's trigger takes its subscription's ordering lock, and a statement that took the
+# locks of several in the order of its rows could deadlock with a publish taking them in id order.
 RELEASE_STUCK = sa.text(f"""
 WITH released AS (
     UPDATE subscription_messages AS sm
@@ -339,6 +358,8 @@ WITH released AS (
         locked_at = NULL
     FROM subscriptions AS s
     WHERE s.id = sm.subscription_id AND sm.locked_at IS NOT NULL AND sm.state = {DELIVERED}
+      AND (s.id = CAST(:subscription_id AS text)
+           OR CAST(:subscription_id AS text) IS NULL AND s.ordering_key IS NULL)
       AND (sm.available_at <= now()
            OR sm.locked_at < now() - make_interval(secs => CAST(:lock_timeout AS integer)))
     RETURNING sm.state
@@ -661,8 +682,15 @@ def list_dlq(conn: sa.Connection, subscription_id: str, offset: int, limit: int)
 def release_stuck(conn: sa.Connection, lock_timeout_seconds: int | None = None) -> tuple[int, int]:
     """Release deliveries past their ack deadline (or locked longer than the timeout, if given);
     returns (released, dead-lettered)."""
-    row = conn.execute(RELEASE_STUCK, {"lock_timeout": lock_timeout_seconds}).one()
-    return row.released, row.dead_lettered
+    ordered = conn.execute(
+        sa.text("SELECT id FROM subscriptions WHERE ordering_key IS NOT NULL ORDER BY id")
+    ).scalars()
+    released = dead_lettered = 0
+    for subscription_id in [None, *ordered]:
+        params = {"lock_timeout": lock_timeout_seconds, "subscription_id": subscription_id}
+        row = conn.execute(RELEASE_STUCK, params).one()
+        released, dead_lettered = released + row.released, dead_lettered + row.dead_lettered
+    return released, dead_lettered
 
 
 def delete_acked(conn: sa.Connection, older_than_seconds: int) -> int:

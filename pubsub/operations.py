@@ -13,10 +13,10 @@ claim, ack or nack in flight, nor makes one wait (a row skipped that way is left
 rows picked are then changed through their key, as messages.CLAIM does (see messages.KEYS).
 
 The backlog, for a purge, is what is still owed to consumers: available messages (ready or in
-backoff) and delivered ones (leased), not the DLQ, as SQS's PurgeQueue. A leased message is
-purged too: its consumer's later ack, nack or extend finds nothing (`not_found`), as for a
-message already acked. Purged messages are deleted, not acked: the `acked` metric does not count
-them.
+backoff), delivered ones (leased) and those waiting behind an ordering key, not the DLQ, as SQS's
+PurgeQueue. A leased message is purged too: its consumer's later ack, nack or extend finds nothing
+(`not_found`), as for a message already acked. Purged messages are deleted, not acked: the
+`acked` metric does not count them.
 """
 
 import datetime as dt
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from pubsub.messages import KEYS, NOTIFY_CHANNEL, ensure_subscription, uuid_array
-from pubsub.tables import AVAILABLE, DELIVERED, DLQ
+from pubsub.tables import AVAILABLE, DELIVERED, DLQ, WAITING
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,14 @@ def purge_dlq(
 def purge_backlog(
     conn: sa.Connection, subscription_id: str, chunk_rows: int, before: dt.datetime | None = None
 ) -> int:
-    """Delete the available and delivered messages (not the dead letters), or only those
-    published before `before`. Returns how many."""
+    """Delete the available, delivered and waiting messages (not the dead letters), or only
+    those published before `before`. Returns how many.
+
+    With ordering keys, the messages waiting behind a key go first: deleting a key's head makes the
+    next one available (migration 0008's trigger), with its publish time as its place in the
+    available range, which the keyset of that range may have passed already."""
     count = run_chunks(
-        conn, PURGE_BACKLOG, subscription_id, [AVAILABLE, DELIVERED], chunk_rows, before=before
+        conn, PURGE_BACKLOG, subscription_id, [WAITING, AVAILABLE, DELIVERED], chunk_rows, before=before
     )
     log.info(
         "purged %d messages of %s%s", count, subscription_id, f" published before {before}" if before else ""

@@ -18,6 +18,7 @@ ID_PATTERN = f"^{ID}$"  # as documented (ECMA-262: $ is the very end)
 ID_REGEX = re.compile(ID + r"\Z")
 FILTER_MAX_KEYS = 32
 FILTER_MAX_VALUES = 100
+ORDERING_KEY_MAX_LENGTH = 256  # as a filter key: a top-level field name
 MAX_BATCH_IDS = 1000
 MAX_PUBLISH_BATCH = 1000
 MAX_DELIVERY_ATTEMPTS = 1000
@@ -130,6 +131,16 @@ class SubscriptionCreateSchema(ma.Schema):
             " (default: CLEANUP_STUCK_MESSAGES_LOCK_TIMEOUT_SECONDS, within 10-600)"
         ),
     )
+    ordering_key = fields.String(
+        allow_none=True,
+        load_default=None,
+        validate=validate.Length(min=1, max=ORDERING_KEY_MAX_LENGTH),
+        metadata=extension(
+            "A top-level payload field: messages with the same value in it are delivered one at a"
+            " time, in publish order, each once the one before is acked or dead-lettered; messages"
+            " without it are unordered. Fixed at creation"
+        ),
+    )
 
     @ma.post_load
     def apply_defaults(self, data, partial=None, **kwargs):
@@ -165,6 +176,9 @@ class SubscriptionSchema(ma.Schema):
     backoff_max_seconds = fields.Integer()
     created_at = fields.DateTime()
     ack_deadline_seconds = fields.Integer(metadata=extension("Seconds a consumer has to ack a delivery"))
+    ordering_key = fields.String(
+        allow_none=True, metadata=extension("The payload field that orders messages, or null for none")
+    )
 
 
 class SubscriptionListSchema(ma.Schema):
@@ -281,6 +295,9 @@ class SubscriptionMetricsSchema(ma.Schema):
     delivered = fields.Integer(metadata={"description": "Locked by a consumer, not yet acked"})
     acked = fields.Integer(metadata={"description": "Acked and not yet cleaned up"})
     dlq = fields.Integer(metadata={"description": "Dead letters"})
+    waiting = fields.Integer(
+        metadata=extension("Behind an earlier message with the same ordering key (not counted as available)")
+    )
 
 
 class OutcomeSchema(ma.Schema):
@@ -409,12 +426,12 @@ class SubscriptionUpdateSchema(SubscriptionCreateSchema):
     the default again, as at creation. A subscription keeps its id and its topic."""
 
     class Meta:
-        exclude = ("id", "topic_id")
+        exclude = ("id", "topic_id", "ordering_key")
 
     @ma.pre_load
     def refuse_fixed_fields(self, data, **kwargs):
         if isinstance(data, dict):
-            for field in ("id", "topic_id"):
+            for field in ("id", "topic_id", "ordering_key"):
                 if field in data:
                     raise ma.ValidationError(
                         "cannot change: create a new subscription instead", field_name=field

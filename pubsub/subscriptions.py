@@ -15,6 +15,7 @@ from pubsub.tables import (
     AVAILABLE,
     DELIVERED,
     DLQ,
+    WAITING,
     acked_messages,
     subscription_messages,
     subscriptions,
@@ -30,6 +31,7 @@ SUBSCRIPTION_COLUMNS = (
     subscriptions.c.backoff_max_seconds,
     subscriptions.c.created_at,
     subscriptions.c.ack_deadline_seconds,
+    subscriptions.c.ordering_key,
 )
 
 
@@ -42,6 +44,7 @@ def create_subscription(
     backoff_min_seconds: int,
     backoff_max_seconds: int,
     ack_deadline_seconds: int,
+    ordering_key: str | None = None,
 ) -> dict:
     # INSERT ... SELECT from topics: a missing topic inserts nothing instead of raising.
     source = sa.select(
@@ -52,6 +55,7 @@ def create_subscription(
         sa.literal(backoff_min_seconds),
         sa.literal(backoff_max_seconds),
         sa.literal(ack_deadline_seconds),
+        sa.literal(ordering_key, sa.Text),
     ).where(topics.c.id == topic_id)
     stmt = (
         insert(subscriptions)
@@ -64,6 +68,7 @@ def create_subscription(
                 "backoff_min_seconds",
                 "backoff_max_seconds",
                 "ack_deadline_seconds",
+                "ordering_key",
             ],
             source,
         )
@@ -100,10 +105,21 @@ def delete_subscription(conn: sa.Connection, subscription_id: str) -> None:
     # committed before we delete them; later publishes no longer see the subscription.
     if conn.execute(sa.delete(subscriptions).where(subscriptions.c.id == subscription_id)).rowcount == 0:
         raise NotFound(SUBSCRIPTION_NOT_FOUND)
+    lock_ordering(conn, [subscription_id])
     conn.execute(
         sa.delete(subscription_messages).where(subscription_messages.c.subscription_id == subscription_id)
     )
     conn.execute(sa.delete(acked_messages).where(acked_messages.c.subscription_id == subscription_id))
+
+
+def lock_ordering(conn: sa.Connection, subscription_ids: list[str]) -> None:
+    """Take the ordering locks of these subscriptions (migration 0008), in id order, before
+    deleting their messages: the delete's triggers would take them otherwise after its row locks,
+    while an ack holding one may be waiting for the row lock of a message the delete holds."""
+    conn.execute(
+        sa.text("SELECT pubsub_lock_ordering(id) FROM unnest(CAST(:ids AS text[])) AS id ORDER BY id"),
+        {"ids": subscription_ids},
+    )
 
 
 def mark_waiting(conn: sa.Connection, subscription_id: str, seconds: int) -> None:
@@ -155,6 +171,7 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
         count_messages(subscription_id, DELIVERED, m.c.available_at > now).label("delivered"),
         acked.label("acked"),
         count_messages(subscription_id, DLQ).label("dlq"),
+        count_messages(subscription_id, WAITING).label("waiting"),
     ).where(subscriptions.c.id == subscription_id)
     row = conn.execute(stmt).mappings().first()
     if row is None:
@@ -162,7 +179,7 @@ def get_metrics(conn: sa.Connection, subscription_id: str) -> dict:
     return {key: (int(value) if key != "subscription_id" else value) for key, value in row.items()}
 
 
-BACKLOG_STATES = ("available", "delayed", "backoff", "delivered", "dlq")
+BACKLOG_STATES = ("available", "delayed", "backoff", "delivered", "dlq", "waiting")
 
 
 def count_backlog(conn: sa.Connection) -> list[dict]:
@@ -186,10 +203,12 @@ def count_backlog(conn: sa.Connection) -> list[dict]:
             .label("backoff"),
             sa.func.count().filter(m.c.state == DELIVERED, m.c.available_at > now).label("delivered"),
             sa.func.count().filter(m.c.state == DLQ).label("dlq"),
+            # Behind an earlier message with the same ordering key.
+            sa.func.count().filter(m.c.state == WAITING).label("waiting"),
             # A delayed message is not owed to anyone yet: it would age the backlog for days.
             sa.func.min(m.c.created_at)
             .filter(
-                m.c.state.in_((AVAILABLE, DELIVERED)),
+                m.c.state.in_((AVAILABLE, DELIVERED, WAITING)),
                 ~sa.and_(m.c.state == AVAILABLE, m.c.available_at > now, m.c.delivery_attempts == 0),
             )
             .label("oldest"),

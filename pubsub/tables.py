@@ -39,6 +39,9 @@ metadata = sa.MetaData(
 AVAILABLE = 0
 DELIVERED = 1
 DLQ = 2
+# Ordering keys: behind an earlier message with the same key, claimable once that one is acked or
+# dead-lettered (migration 0008's triggers keep this state; nothing else writes it).
+WAITING = 3
 
 MIN_ACK_DEADLINE_SECONDS = 10
 MAX_ACK_DEADLINE_SECONDS = 600
@@ -72,6 +75,9 @@ subscriptions = sa.Table(
     # Until then some process has long-poll consumers waiting on this subscription, so publishes
     # NOTIFY it. Kept off otherwise: a NOTIFY serializes the instance's notifying commits.
     sa.Column("notify_until", sa.DateTime(timezone=True), nullable=True),
+    # Ordering keys (an extension): the top-level payload field whose value orders this
+    # subscription's messages; NULL for none. Fixed at creation.
+    sa.Column("ordering_key", sa.Text, nullable=True),
     sa.CheckConstraint("backoff_min_seconds <= backoff_max_seconds", name="backoff_range"),
     sa.CheckConstraint(
         f"ack_deadline_seconds BETWEEN {MIN_ACK_DEADLINE_SECONDS} AND {MAX_ACK_DEADLINE_SECONDS}",
@@ -100,7 +106,11 @@ subscription_messages = sa.Table(
     # consumer whose lease expired cannot settle the message's next delivery.
     sa.Column("lease", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.CheckConstraint(f"state IN ({AVAILABLE}, {DELIVERED}, {DLQ})", name="state"),
+    # In a subscription with an ordering key, the MD5 of the key field's JSON value, as a uuid
+    # (fixed width, whatever the value's size); NULL for messages without the field and in
+    # unordered subscriptions.
+    sa.Column("ordering_key", UUID(as_uuid=True), nullable=True),
+    sa.CheckConstraint(f"state IN ({AVAILABLE}, {DELIVERED}, {DLQ}, {WAITING})", name="state"),
     # Led by id, so that it serves lookups by id (which name both columns) and nothing else: led
     # by subscription_id, it could serve a claim too, read the whole backlog and sort it, and did
     # whenever the statistics estimated the subscription at one row (migration 0006).
@@ -116,6 +126,17 @@ subscription_messages = sa.Table(
         "ix_subscription_messages_locked_at",
         "locked_at",
         postgresql_where=sa.text("locked_at IS NOT NULL"),
+    ),
+    # Ordering keys: a key's head (available or delivered) and the messages waiting behind it, in
+    # publish order, for the triggers that make the next one claimable. Only keyed messages enter.
+    # Led by the key (an MD5), not the subscription: no claim can take it (see the primary key).
+    sa.Index(
+        "ix_subscription_messages_ordering",
+        "ordering_key",
+        "subscription_id",
+        "state",
+        "seq",
+        postgresql_where=sa.text("ordering_key IS NOT NULL"),
     ),
 )
 

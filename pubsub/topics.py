@@ -4,6 +4,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from pubsub.errors import TOPIC_ALREADY_EXISTS, TOPIC_NOT_FOUND, AlreadyExists, NotFound
+from pubsub.subscriptions import lock_ordering
 from pubsub.tables import acked_messages, subscription_messages, subscriptions, topics
 
 TOPIC_COLUMNS = (topics.c.id, topics.c.created_at)
@@ -49,6 +50,7 @@ def delete_topic(conn: sa.Connection, topic_id: str) -> None:
         .all()
     )
     if deleted:
+        lock_ordering(conn, deleted)
         conn.execute(
             sa.delete(subscription_messages).where(subscription_messages.c.subscription_id.in_(deleted))
         )

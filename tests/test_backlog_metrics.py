@@ -26,7 +26,7 @@ from tests.test_serve import (
     wait_until_live,
 )
 
-STATES = ("available", "delayed", "backoff", "delivered", "dlq")
+STATES = ("available", "delayed", "backoff", "delivered", "dlq", "waiting")
 ZEROS = {**dict.fromkeys(STATES, 0), "age": 0}
 LONG_BACKOFF = {"backoff_min_seconds": 300, "backoff_max_seconds": 300}  # nacked: in backoff all test long
 
@@ -104,8 +104,16 @@ def test_each_message_counts_in_exactly_one_state(api, client):
         "backoff": 1,
         "delivered": 2,
         "dlq": 0,
+        "waiting": 0,
     }
-    assert counts(backlog["dying"]) == {"available": 4, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 2}
+    assert counts(backlog["dying"]) == {
+        "available": 4,
+        "delayed": 0,
+        "backoff": 0,
+        "delivered": 0,
+        "dlq": 2,
+        "waiting": 0,
+    }
 
     api.ack("retrying", [m["id"] for m in retrying[1:]])  # acked messages leave the backlog
     assert counts(backlog_of(client)["retrying"]) == {
@@ -114,6 +122,7 @@ def test_each_message_counts_in_exactly_one_state(api, client):
         "backoff": 1,
         "delivered": 0,
         "dlq": 0,
+        "waiting": 0,
     }
 
 
@@ -128,6 +137,7 @@ def test_a_nacked_message_counts_as_available_once_its_backoff_ends(api, client)
         "backoff": 1,
         "delivered": 0,
         "dlq": 0,
+        "waiting": 0,
     }
     time.sleep(1.2)
     assert counts(backlog_of(client)["sub"]) == {
@@ -136,6 +146,7 @@ def test_a_nacked_message_counts_as_available_once_its_backoff_ends(api, client)
         "backoff": 0,
         "delivered": 0,
         "dlq": 0,
+        "waiting": 0,
     }
 
 
@@ -153,6 +164,7 @@ def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_to
         "backoff": 0,
         "delivered": 1,
         "dlq": 0,
+        "waiting": 0,
     }
     assert api.metrics("sub") | {"acked": None} == {
         "subscription_id": "sub",
@@ -161,6 +173,7 @@ def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_to
         "delivered": 1,
         "acked": None,
         "dlq": 0,
+        "waiting": 0,
     }
     assert [message["id"] for message in api.consume("sub")] == [lapsing["id"]]  # as it said
     assert counts(backlog_of(client)["sub"]) == {
@@ -169,6 +182,7 @@ def test_a_delivery_past_its_ack_deadline_counts_as_available_before_anything_to
         "backoff": 0,
         "delivered": 2,
         "dlq": 0,
+        "waiting": 0,
     }
 
 
@@ -348,9 +362,9 @@ def test_every_worker_reports_the_backlog_once_not_summed(database_url, tmp_path
         dead = call("GET", "/subscriptions/dying/messages?consumer_id=c&batch_size=2")["data"]
         call("POST", "/subscriptions/dying/nacks", [m["id"] for m in dead], 204)
         expected = {
-            "retrying": {"available": 3, "delayed": 0, "backoff": 1, "delivered": 2, "dlq": 0},
-            "dying": {"available": 4, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 2},
-            "none": {"available": 0, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 0},
+            "retrying": {"available": 3, "delayed": 0, "backoff": 1, "delivered": 2, "dlq": 0, "waiting": 0},
+            "dying": {"available": 4, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 2, "waiting": 0},
+            "none": {"available": 0, "delayed": 0, "backoff": 0, "delivered": 0, "dlq": 0, "waiting": 0},
         }
 
         # Scrape until each worker has answered several times (each keeps its own cached count).

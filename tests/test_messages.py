@@ -94,6 +94,7 @@ def test_ack_removes_messages_and_counts_them(orders, api):
         "delivered": 1,
         "acked": 2,
         "dlq": 0,
+        "waiting": 0,
     }
     api.ack("sub", ids[:2])  # acking twice changes nothing
     assert api.metrics()["acked"] == 2
@@ -231,6 +232,7 @@ def test_nack_after_the_last_attempt_dead_letters(orders, api):
         "delivered": 0,
         "acked": 0,
         "dlq": 2,
+        "waiting": 0,
     }
     dead = api.dlq("sub")
     assert [(m["payload"], m["delivery_attempts"]) for m in dead] == [({"n": 1}, 2), ({"n": 2}, 2)]
@@ -292,6 +294,7 @@ def test_metrics_count_every_state(orders, api):
         "delivered": 2,
         "acked": 1,
         "dlq": 1,
+        "waiting": 0,
     }
 
 

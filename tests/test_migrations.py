@@ -88,8 +88,14 @@ def test_0004_gives_deliveries_a_deadline_and_its_downgrade_splits_shared_ids(ma
                 sa.text("SELECT available_at - locked_at FROM subscription_messages WHERE state = 1")
             ).scalar_one()
             assert lapse.total_seconds() == 120
-        client = app.test_client()
-        assert client.post("/topics/orders/messages", json=[{"n": 1}, {"n": 2}]).status_code == 204
+            # Two messages published at 0004, each copied to both subscriptions under one id.
+            conn.execute(
+                sa.text("""
+                INSERT INTO subscription_messages (id, subscription_id, payload)
+                SELECT m.id, s.id, '{}' FROM (VALUES (gen_random_uuid()), (gen_random_uuid())) AS m (id),
+                     (VALUES ('a'), ('b')) AS s (id)
+            """)
+            )
         downgrade(revision="0003")
         with engine.begin() as conn:
             ids = conn.execute(sa.text("SELECT id FROM subscription_messages")).scalars().all()

@@ -21,6 +21,7 @@ def test_create_subscription_applies_configured_defaults(orders, client):
         "backoff_min_seconds": 5,
         "backoff_max_seconds": 300,
         "ack_deadline_seconds": 60,
+        "ordering_key": None,
     }
 
 
@@ -185,6 +186,7 @@ def test_delete_subscription_removes_its_messages_only(orders, api, client):
         "delivered": 0,
         "acked": 0,
         "dlq": 0,
+        "waiting": 0,
     }
 
 

@@ -259,6 +259,7 @@ class Client:
         backoff_min_seconds: int | None = None,
         backoff_max_seconds: int | None = None,
         ack_deadline_seconds: int | None = None,
+        ordering_key: str | None = None,
     ) -> dict:
         body = {"id": subscription_id, "topic_id": topic_id}
         for name, value in (
@@ -267,6 +268,7 @@ class Client:
             ("backoff_min_seconds", backoff_min_seconds),
             ("backoff_max_seconds", backoff_max_seconds),
             ("ack_deadline_seconds", ack_deadline_seconds),
+            ("ordering_key", ordering_key),
         ):
             if value is not None:
                 body[name] = value

@@ -210,6 +210,7 @@ class Subscriptions(MethodView):
                 data["backoff_min_seconds"],
                 data["backoff_max_seconds"],
                 data["ack_deadline_seconds"],
+                data.get("ordering_key"),
             )
 
     @require_scope("subscriptions", "read")

@@ -1,0 +1,136 @@
+"""Ordering keys: a subscription may name a payload field whose value orders its messages.
+
+Messages with the same key value are delivered one at a time, in publish order. The first of a
+key (its head) is available as usual; those behind it wait in state 3 (WAITING), which no claim
+reads: the claim index's ranges are states 0 and 1, so a busy key costs a claim nothing. When the
+head leaves the queue (acked, dead-lettered, purged), the next one becomes available.
+
+Triggers keep that rule on every path that adds a message to a key or removes its head (publish,
+redrive, ack, nack, claims of lapsed leases, cleanup-stuck, purges, deletes), so that no
+statement can forget it. They serialize on one advisory lock per ordered subscription, held to
+commit, and read with a fresh snapshot after taking it (PL/pgSQL functions are volatile: each of
+their queries sees what committed before it started). So a publish either sees the head that an
+ack is removing still there and its message waits, and the ack, which waited for the publish's
+commit, then sees that message and promotes it; or it sees the head gone and its message is the
+new head. Statements that take the locks of several subscriptions take them in id order first
+(pubsub_lock_ordering), so two of them cannot deadlock.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-07 01:00:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+TABLE = "subscription_messages"
+
+FUNCTIONS = """
+CREATE FUNCTION pubsub_lock_ordering(subscription_id text, nowait boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF nowait THEN
+        IF NOT pg_try_advisory_xact_lock(hashtextextended('pubsub ordering ' || subscription_id, 0)) THEN
+            RAISE EXCEPTION 'the ordering lock of subscription % is held', subscription_id
+                USING ERRCODE = 'lock_not_available';
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock(hashtextextended('pubsub ordering ' || subscription_id, 0));
+    END IF;
+END $$;
+
+-- A keyed message enters the queue (published, or redriven from the DLQ): it waits if its key
+-- has a message pending already.
+CREATE FUNCTION pubsub_ordering_enter() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pubsub_lock_ordering(NEW.subscription_id);
+    IF EXISTS (
+        SELECT FROM subscription_messages
+        WHERE subscription_id = NEW.subscription_id AND ordering_key = NEW.ordering_key
+          AND state IN (0, 1, 3)
+    ) THEN
+        NEW.state := 3;
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- A key's head left the queue: the next of its key, in publish order, becomes available, and
+-- long-poll consumers waiting on the subscription are woken as by a publish (identical
+-- notifications of one transaction are sent once). FOR UPDATE skips a message that a purge
+-- deleted meanwhile (purges delete waiting messages without this lock) and takes the next.
+CREATE FUNCTION pubsub_ordering_leave() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    next_id uuid;
+BEGIN
+    PERFORM pubsub_lock_ordering(OLD.subscription_id);
+    IF EXISTS (
+        SELECT FROM subscription_messages
+        WHERE subscription_id = OLD.subscription_id AND ordering_key = OLD.ordering_key
+          AND state IN (0, 1)
+    ) THEN
+        RETURN NULL;
+    END IF;
+    SELECT id INTO next_id FROM subscription_messages
+    WHERE subscription_id = OLD.subscription_id AND ordering_key = OLD.ordering_key AND state = 3
+    ORDER BY seq LIMIT 1 FOR UPDATE;
+    IF FOUND THEN
+        UPDATE subscription_messages SET state = 0
+        WHERE id = next_id AND subscription_id = OLD.subscription_id;
+        PERFORM pg_notify('pubsub', concat_ws(' ', s.id, 1, pg_current_xact_id()))
+        FROM subscriptions AS s WHERE s.id = OLD.subscription_id AND s.notify_until > now();
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER ordering_enter BEFORE INSERT ON subscription_messages
+FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL) EXECUTE FUNCTION pubsub_ordering_enter();
+
+CREATE TRIGGER ordering_reenter BEFORE UPDATE OF state ON subscription_messages
+FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL AND OLD.state = 2 AND NEW.state = 0)
+EXECUTE FUNCTION pubsub_ordering_enter();
+
+CREATE TRIGGER ordering_leave_delete AFTER DELETE ON subscription_messages
+FOR EACH ROW WHEN (OLD.ordering_key IS NOT NULL AND OLD.state IN (0, 1))
+EXECUTE FUNCTION pubsub_ordering_leave();
+
+CREATE TRIGGER ordering_leave_update AFTER UPDATE OF state ON subscription_messages
+FOR EACH ROW WHEN (OLD.ordering_key IS NOT NULL AND OLD.state IN (0, 1) AND NEW.state NOT IN (0, 1))
+EXECUTE FUNCTION pubsub_ordering_leave();
+"""
+
+
+def upgrade():
+    op.add_column("subscriptions", sa.Column("ordering_key", sa.Text(), nullable=True))
+    op.add_column(TABLE, sa.Column("ordering_key", postgresql.UUID(), nullable=True))
+    op.drop_constraint(op.f("ck_subscription_messages_state"), TABLE, type_="check")
+    op.create_check_constraint(op.f("ck_subscription_messages_state"), TABLE, "state IN (0, 1, 2, 3)")
+    op.create_index(
+        "ix_subscription_messages_ordering",
+        TABLE,
+        ["ordering_key", "subscription_id", "state", "seq"],
+        postgresql_where=sa.text("ordering_key IS NOT NULL"),
+    )
+    op.execute(FUNCTIONS)
+
+
+def downgrade():
+    for trigger in ("ordering_enter", "ordering_reenter", "ordering_leave_delete", "ordering_leave_update"):
+        op.execute(f"DROP TRIGGER {trigger} ON {TABLE}")
+    op.execute(
+        "DROP FUNCTION pubsub_ordering_enter(), pubsub_ordering_leave(), pubsub_lock_ordering(text, boolean)"
+    )
+    op.drop_index("ix_subscription_messages_ordering", table_name=TABLE)
+    # What waited behind a key is simply available: without keys there is no order to keep.
+    op.execute(f"UPDATE {TABLE} SET state = 0 WHERE state = 3")
+    op.drop_constraint(op.f("ck_subscription_messages_state"), TABLE, type_="check")
+    op.create_check_constraint(op.f("ck_subscription_messages_state"), TABLE, "state IN (0, 1, 2)")
+    op.drop_column(TABLE, "ordering_key")
+    op.drop_column("subscriptions", "ordering_key")
