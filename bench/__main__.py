@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("-b", "--batch", type=int, default=100, help="messages per publish/claim (default 100)")
     load.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="load generator processes")
     load.add_argument("--prefill", type=int, help="consume_ack: messages available at start (300k)")
+    load.add_argument(
+        "--ordering-keys", type=int, default=1000, help="consume_ack_ordered: distinct key values (1000)"
+    )
     load.add_argument("--backlog-acked", type=int, help="backlog: messages acked before (1M)")
     load.add_argument("--backlog-available", type=int, help="backlog: messages available (100k)")
     load.add_argument("--backlog-ack-batch", type=int, help="backlog: messages per past ack (--batch)")

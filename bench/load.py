@@ -237,15 +237,19 @@ class Clock:
     publishers_left: object  # multiprocessing.Value: publisher threads still running, all processes
 
 
-def make_payloads(index: int, first: int, count: int, pad: str) -> bytes:
+def make_payloads(index: int, first: int, count: int, pad: str, keys: int | None = None) -> bytes:
+    """A batch of payloads; with `keys`, each has an ordering key field, "customer", one of that
+    many values (consume_ack_ordered)."""
     now = time.time()
     base = index << SEQ_BITS
-    return orjson.dumps(
-        [
-            {"k": base | seq, "ts": now, "country": COUNTRIES[seq % len(COUNTRIES)], "pad": pad}
-            for seq in range(first, first + count)
-        ]
-    )
+    payloads = [
+        {"k": base | seq, "ts": now, "country": COUNTRIES[seq % len(COUNTRIES)], "pad": pad}
+        for seq in range(first, first + count)
+    ]
+    if keys:
+        for payload in payloads:
+            payload["customer"] = payload["k"] % keys
+    return orjson.dumps(payloads)
 
 
 def run_publisher(client, spec: dict, clock: Clock, tally: Tally, lock: threading.Lock) -> None:
@@ -268,7 +272,7 @@ def run_publisher(client, spec: dict, clock: Clock, tally: Tally, lock: threadin
                         break
                 next_at += interval
             count = batch if limit is None else min(batch, limit - seq)
-            body = make_payloads(spec["index"], seq, count, pad)
+            body = make_payloads(spec["index"], seq, count, pad, spec.get("keys"))
             started = time.perf_counter()
             try:
                 client.publish(spec["topic"], body)

@@ -15,6 +15,7 @@ import time
 import psycopg
 import pytest
 
+from pubsub import messages
 from tests.test_grouping import libpq
 from tests.test_leases import expire, outcomes
 
@@ -322,3 +323,70 @@ def test_concurrent_publishers_and_consumers_keep_each_keys_order(api, app):
     assert len(acked) == keys * per_key
     metrics = api.metrics()
     assert (metrics["available"], metrics["delivered"], metrics["waiting"]) == (0, 0, 0)
+
+
+# --- Reads: a busy key costs nothing to the claim, the ack or the publish -------------------------
+
+BUSY_KEYS, PER_KEY = 100, 100  # 10,000 messages: 100 heads, 9,900 waiting behind them
+
+
+def reads_in(conn) -> dict[str, int]:
+    """subscription_messages' reads so far in this transaction: rows read sequentially, and index
+    entries read per index (the triggers' queries included)."""
+    table = conn.exec_driver_sql(
+        "SELECT seq_scan, seq_tup_read FROM pg_stat_xact_user_tables WHERE relname = 'subscription_messages'"
+    ).one()
+    indexes = conn.exec_driver_sql(
+        "SELECT indexrelid::regclass::text, pg_stat_get_xact_tuples_returned(indexrelid) FROM pg_index"
+        " WHERE indrelid = 'subscription_messages'::regclass"
+    )
+    return {"seq_scan": table.seq_scan, "seq_tup_read": table.seq_tup_read, **dict(indexes.all())}
+
+
+def reads_of(action):
+    """What `action(conn)` returns, and what it read, in a transaction of its own. The counters
+    are the backend's not yet reported, which include earlier transactions': the difference."""
+    from pubsub import db
+
+    with db.begin() as conn:
+        before = reads_in(conn)
+        result = action(conn)
+        after = reads_in(conn)
+    return result, {name: after[name] - before[name] for name in after}
+
+
+@pytest.mark.parametrize("statistics", ["analyzed-empty-then-filled", "analyzed-full"])
+def test_claim_ack_and_publish_read_only_their_rows_behind_busy_keys(api, app, database_url, statistics):
+    """Whatever the statistics say (a table analyzed empty before the burst, or analyzed full),
+    claiming the heads reads the claim index's entries of those heads, acking them reads a few
+    entries of the ordering index per key, and publishing behind a busy key one or two: never the
+    messages waiting behind the keys, never the table sequentially."""
+    api.create_topic("orders")
+    api.create_subscription("sub", "orders", ordering_key="customer")
+    with psycopg.connect(libpq(database_url), autocommit=True) as conn:
+        conn.execute("ANALYZE subscription_messages")  # empty
+    for n in range(PER_KEY):
+        api.publish("orders", [{"customer": key, "n": n} for key in range(BUSY_KEYS)])
+    if statistics == "analyzed-full":
+        with psycopg.connect(libpq(database_url), autocommit=True) as conn:
+            conn.execute("ANALYZE subscription_messages")
+    with app.app_context():
+        claimed, claim_reads = reads_of(lambda conn: messages.consume(conn, "sub", "c", 1000))
+        assert len(claimed) == BUSY_KEYS
+        ids = [row[0] for row in claimed]
+        acked, ack_reads = reads_of(lambda conn: messages.ack_current(conn, "sub", ids))
+        assert acked == BUSY_KEYS
+        _, publish_reads = reads_of(
+            lambda conn: messages.publish(conn, "orders", '[{"customer": 1, "n": -1}]')
+        )
+    assert api.metrics()["available"] == BUSY_KEYS  # the second message of each key
+    assert api.metrics()["waiting"] == BUSY_KEYS * (PER_KEY - 2) + 1
+    for reads in (claim_reads, ack_reads, publish_reads):
+        assert reads["seq_tup_read"] == 0, reads
+    # The claim reads each head's entry (and the empty delivered range): not the waiting ones.
+    assert claim_reads["ix_subscription_messages_claim"] <= BUSY_KEYS + 10, claim_reads
+    assert claim_reads["ix_subscription_messages_ordering"] == 0, claim_reads
+    # Per key acked: its head's entry, and the next one's.
+    assert ack_reads["ix_subscription_messages_ordering"] <= 4 * BUSY_KEYS, ack_reads
+    assert ack_reads["ix_subscription_messages_claim"] == 0, ack_reads
+    assert publish_reads["ix_subscription_messages_ordering"] <= 3, publish_reads

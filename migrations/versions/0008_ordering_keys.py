@@ -15,6 +15,11 @@ commit, then sees that message and promotes it; or it sees the head gone and its
 new head. Statements that take the locks of several subscriptions take them in id order first
 (pubsub_lock_ordering), so two of them cannot deadlock.
 
+The triggers' queries are planned once per session and their plans kept (PL/pgSQL), so a plan
+made while the table was small would read it whole at every row later, until an ANALYZE. With
+sequential scans off for them (a function-level setting), each reads its key's entries of the
+ordering index, whatever the table's size or statistics were at planning time.
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-07 01:00:00
@@ -48,7 +53,7 @@ END $$;
 -- A keyed message enters the queue (published, or redriven from the DLQ): it waits if its key
 -- has a message pending already.
 CREATE FUNCTION pubsub_ordering_enter() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 BEGIN
     PERFORM pubsub_lock_ordering(NEW.subscription_id);
     IF EXISTS (
@@ -66,7 +71,7 @@ END $$;
 -- notifications of one transaction are sent once). FOR UPDATE skips a message that a purge
 -- deleted meanwhile (purges delete waiting messages without this lock) and takes the next.
 CREATE FUNCTION pubsub_ordering_leave() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     next_id uuid;
 BEGIN
