@@ -204,6 +204,7 @@ def test_ack_nack_extend_use_lease_qualified_ids_so_a_stale_one_does_nothing(ps)
         "delivered": 0,
         "acked": 1,
         "dlq": 0,
+        "waiting": 0,
     }
 
 
@@ -242,6 +243,7 @@ def test_operators_dead_letter_redrive_and_purge(ps):
         "acked": 0,
         "delayed": 0,
         "dlq": 0,
+        "waiting": 0,
     }
     assert len(ids) == 6
     with pytest.raises(ValueError):

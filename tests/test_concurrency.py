@@ -96,6 +96,7 @@ def test_every_published_message_is_consumed_exactly_once_when_all_ack(busy_app,
         "delivered": 0,
         "acked": total,
         "dlq": 0,
+        "waiting": 0,
     }
 
 

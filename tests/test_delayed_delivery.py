@@ -154,6 +154,7 @@ def test_delayed_messages_count_as_delayed_not_available_until_due(client, api, 
         "delivered": 0,
         "acked": 0,
         "dlq": 0,
+        "waiting": 0,
     }
     assert api.metrics("retrying") | {"subscription_id": None} == {
         "subscription_id": None,
@@ -162,6 +163,7 @@ def test_delayed_messages_count_as_delayed_not_available_until_due(client, api, 
         "delivered": 0,
         "acked": 0,
         "dlq": 0,
+        "waiting": 0,
     }
     gauges = backlog_of(client)
     assert {k: gauges["sub"][k] for k in ("available", "delayed", "backoff")} == {

@@ -579,6 +579,7 @@ def test_a_poison_message_that_crashes_every_consumer_ends_in_the_dlq_while_the_
         "delivered": 0,
         "acked": 2 * 15 * 10,
         "dlq": 1,
+        "waiting": 0,
     }
     assert admin.metrics("work") == metrics
 

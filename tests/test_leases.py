@@ -136,6 +136,7 @@ def test_an_expired_lease_out_of_attempts_goes_to_the_dlq_instead(orders, api):
         "delivered": 0,
         "acked": 0,
         "dlq": 1,
+        "waiting": 0,
     }
     [dead] = api.dlq("sub")
     assert (dead["id"], dead["payload"], dead["delivery_attempts"]) == (first["id"], {"poison": True}, 2)
@@ -284,6 +285,7 @@ def test_outcomes_come_per_item_in_request_order_for_mixed_ids_and_tokens(orders
         "delivered": 1,
         "acked": 2,
         "dlq": 0,
+        "waiting": 0,
     }
 
 
@@ -420,6 +422,7 @@ def test_nack_with_a_delay_still_dead_letters_exhausted_attempts(orders, api):
         "delivered": 0,
         "acked": 0,
         "dlq": 1,
+        "waiting": 0,
     }
     assert [m["id"] for m in api.dlq("sub")] == [message["id"]]
 

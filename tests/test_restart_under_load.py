@@ -353,5 +353,6 @@ def test_postgresql_restarted_under_load_gives_503s_then_recovers_and_loses_noth
             "delivered": 0,
             "acked": len(delivered),
             "dlq": 0,
+            "waiting": 0,
         }
     assert any(s.kind == "ack" and s.outcome == "ok" and s.t0 >= up for s in history.settles)
