@@ -257,7 +257,9 @@ def consume_scenario(run: Run, available: int, acked_history: int, keys: int | N
         *keys_check(t, published),
         equal("delivered == 0 (every claimed message acked)", m["delivered"], 0),
         # Behind an ordering key, what is not consumed yet waits (consume_ack_ordered).
-        equal("available + waiting == prefilled - consumed", m["available"] + m["waiting"], available - consumed),
+        equal(
+            "available + waiting == prefilled - consumed", m["available"] + m["waiting"], available - consumed
+        ),
         equal("acked == history + consumed", m["acked"], acked_history + consumed),
     ]
     run.drop(topic)

@@ -66,32 +66,59 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- A key's head left the queue: the next of its key, in publish order, becomes available, and
--- long-poll consumers waiting on the subscription are woken as by a publish (identical
--- notifications of one transaction are sent once). FOR UPDATE skips a message that a purge
--- deleted meanwhile (purges delete waiting messages without this lock) and takes the next.
-CREATE FUNCTION pubsub_ordering_leave() RETURNS trigger
+-- The heads of these keys left the queue: the next message of each, in publish order, becomes
+-- available, and long-poll consumers waiting on the subscription are woken as by a publish. FOR
+-- UPDATE skips a message that a purge deleted meanwhile (purges delete waiting messages without
+-- the ordering lock) and takes the next. The update goes by the locked rows' ctids: by id, the
+-- planner could choose to read the subscription's whole range of the claim index and join it.
+CREATE FUNCTION pubsub_ordering_next(subscription text, keys uuid[]) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
-    next_id uuid;
+    tids tid[];
+    promoted bigint;
 BEGIN
-    PERFORM pubsub_lock_ordering(OLD.subscription_id);
-    IF EXISTS (
-        SELECT FROM subscription_messages
-        WHERE subscription_id = OLD.subscription_id AND ordering_key = OLD.ordering_key
-          AND state IN (0, 1)
-    ) THEN
-        RETURN NULL;
+    PERFORM pubsub_lock_ordering(subscription);
+    SELECT array_agg(next.tid) INTO tids FROM (
+        SELECT (
+            SELECT w.ctid FROM subscription_messages AS w
+            WHERE w.ordering_key = k.key AND w.subscription_id = subscription AND w.state = 3
+            ORDER BY w.seq LIMIT 1 FOR UPDATE
+        ) AS tid
+        FROM unnest(keys) AS k (key)
+    ) AS next
+    WHERE next.tid IS NOT NULL;
+    IF tids IS NULL THEN
+        RETURN;
     END IF;
-    SELECT id INTO next_id FROM subscription_messages
-    WHERE subscription_id = OLD.subscription_id AND ordering_key = OLD.ordering_key AND state = 3
-    ORDER BY seq LIMIT 1 FOR UPDATE;
-    IF FOUND THEN
-        UPDATE subscription_messages SET state = 0
-        WHERE id = next_id AND subscription_id = OLD.subscription_id;
-        PERFORM pg_notify('pubsub', concat_ws(' ', s.id, 1, pg_current_xact_id()))
-        FROM subscriptions AS s WHERE s.id = OLD.subscription_id AND s.notify_until > now();
-    END IF;
+    UPDATE subscription_messages SET state = 0 WHERE ctid = ANY(tids);
+    GET DIAGNOSTICS promoted = ROW_COUNT;
+    PERFORM pg_notify('pubsub', concat_ws(' ', s.id, promoted, pg_current_xact_id()))
+    FROM subscriptions AS s WHERE s.id = subscription AND s.notify_until > now();
+END $$;
+
+-- A head dead-lettered (by a nack, a claim or cleanup-stuck): row by row, a rare path.
+CREATE FUNCTION pubsub_ordering_leave() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pubsub_ordering_next(OLD.subscription_id, ARRAY[OLD.ordering_key]);
+    RETURN NULL;
+END $$;
+
+-- Heads deleted (acks, purges, deletes): once per statement, the hot path of acks, each
+-- subscription's keys at once, subscriptions in id order. An ack of unordered messages finds no
+-- key in `gone` and does nothing else.
+CREATE FUNCTION pubsub_ordering_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    heads record;
+BEGIN
+    FOR heads IN
+        SELECT subscription_id, array_agg(DISTINCT ordering_key) AS keys FROM gone
+        WHERE ordering_key IS NOT NULL AND state IN (0, 1)
+        GROUP BY subscription_id ORDER BY subscription_id
+    LOOP
+        PERFORM pubsub_ordering_next(heads.subscription_id, heads.keys);
+    END LOOP;
     RETURN NULL;
 END $$;
 
@@ -102,9 +129,8 @@ CREATE TRIGGER ordering_reenter BEFORE UPDATE OF state ON subscription_messages
 FOR EACH ROW WHEN (NEW.ordering_key IS NOT NULL AND OLD.state = 2 AND NEW.state = 0)
 EXECUTE FUNCTION pubsub_ordering_enter();
 
-CREATE TRIGGER ordering_leave_delete AFTER DELETE ON subscription_messages
-FOR EACH ROW WHEN (OLD.ordering_key IS NOT NULL AND OLD.state IN (0, 1))
-EXECUTE FUNCTION pubsub_ordering_leave();
+CREATE TRIGGER ordering_deleted AFTER DELETE ON subscription_messages
+REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION pubsub_ordering_deleted();
 
 CREATE TRIGGER ordering_leave_update AFTER UPDATE OF state ON subscription_messages
 FOR EACH ROW WHEN (OLD.ordering_key IS NOT NULL AND OLD.state IN (0, 1) AND NEW.state NOT IN (0, 1))
@@ -127,10 +153,11 @@ def upgrade():
 
 
 def downgrade():
-    for trigger in ("ordering_enter", "ordering_reenter", "ordering_leave_delete", "ordering_leave_update"):
+    for trigger in ("ordering_enter", "ordering_reenter", "ordering_deleted", "ordering_leave_update"):
         op.execute(f"DROP TRIGGER {trigger} ON {TABLE}")
     op.execute(
-        "DROP FUNCTION pubsub_ordering_enter(), pubsub_ordering_leave(), pubsub_lock_ordering(text, boolean)"
+        "DROP FUNCTION pubsub_ordering_enter(), pubsub_ordering_leave(), pubsub_ordering_deleted(),"
+        " pubsub_ordering_next(text, uuid[]), pubsub_lock_ordering(text, boolean)"
     )
     op.drop_index("ix_subscription_messages_ordering", table_name=TABLE)
     # What waited behind a key is simply available: without keys there is no order to keep.
