@@ -225,7 +225,8 @@ def test_ten_thousand_messages_through_a_subscriber_none_lost_none_acked_twice(
     assert failed == {f"p-{n:06d}" for n in range(1, 10_001) if n % 97 == 0 or n % 89 == 0}
     assert counts["nacked ids"] == len(failed) and counts["acked ids"] == 10_000
     assert history.final_metrics["flow"] == {
-        "subscription_id": "flow", "available": 0, "delayed": 0, "delivered": 0, "acked": 10_000, "dlq": 0
+        "subscription_id": "flow", "available": 0, "delayed": 0, "delivered": 0, "acked": 10_000, "dlq": 0,
+        "waiting": 0,
     }  # fmt: skip
 
 
@@ -259,7 +260,8 @@ def test_a_handler_that_always_raises_sends_its_message_to_the_dlq_after_max_del
     history.record_dead("poison", by_value)
     assert_clean(history, live.port, ["poison"])
     assert history.final_metrics["poison"] == {
-        "subscription_id": "poison", "available": 0, "delayed": 0, "delivered": 0, "acked": 0, "dlq": 5
+        "subscription_id": "poison", "available": 0, "delayed": 0, "delivered": 0, "acked": 0, "dlq": 5,
+        "waiting": 0,
     }  # fmt: skip
 
 
