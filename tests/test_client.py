@@ -98,8 +98,13 @@ def test_topic_and_subscription_calls_round_trip(ps):
     )
     assert created["filter"] == {"country": ["BR"]} and created["ack_deadline_seconds"] == 30
     assert ps.get_subscription("billing") == created
-    assert [s["id"] for s in ps.list_subscriptions()] == ["billing"]
+    assert (
+        ps.create_subscription("ledger", "orders", ordering_key="customer_id")["ordering_key"]
+        == "customer_id"
+    )
+    assert [s["id"] for s in ps.list_subscriptions()] == ["billing", "ledger"]
     ps.delete_subscription("billing")
+    ps.delete_subscription("ledger")
     ps.delete_topic("payments")
     assert ps.list_subscriptions() == [] and [t["id"] for t in ps.list_topics()] == ["orders"]
 
