@@ -99,10 +99,8 @@ def env_file_settings() -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
-@pytest.fixture(scope="module")
-def pubsub_script(tmp_path_factory) -> str:
-    """The checkout installed as `make install` does, into a new virtualenv; its `pubsub` script."""
-    venv = tmp_path_factory.mktemp("venv")
+def install_checkout(venv: Path, *pip_args: str, checkout: Path = PROJECT_ROOT) -> str:
+    """A new virtualenv that sees this one's packages, with the checkout installed by pip; its `pubsub`."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = str(venv / "bin" / "python")
     purelib = subprocess.run(
@@ -117,7 +115,7 @@ def pubsub_script(tmp_path_factory) -> str:
         f"import site; site.addsitedir({sysconfig.get_path('purelib')!r})\n"
     )
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(PROJECT_ROOT)],
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", *pip_args, str(checkout)],
         cwd=venv,
         env=script_env(),
         capture_output=True,
@@ -126,6 +124,12 @@ def pubsub_script(tmp_path_factory) -> str:
     )
     assert install.returncode == 0, install.stdout + install.stderr
     return str(venv / "bin" / "pubsub")
+
+
+@pytest.fixture(scope="module")
+def pubsub_script(tmp_path_factory) -> str:
+    """The checkout installed as `make install` installs it (editable); its `pubsub` script."""
+    return install_checkout(tmp_path_factory.mktemp("venv"), "-e")
 
 
 def script_env(**settings: str) -> dict[str, str]:
@@ -216,6 +220,20 @@ def test_pubsub_script_refuses_a_bad_setting_in_one_line(pubsub_script, database
         result.stderr
         == "pubsub: PUBSUB_CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS must be a whole number, not 'soon'\n"
     )
+
+
+def test_a_copy_of_the_package_alone_refuses_to_run_in_one_line(tmp_path):
+    # A non-editable install copies pubsub/ without wsgi.py and migrations/, which the commands need.
+    source = tmp_path / "source"  # a copy: a build leaves build/ in the tree it builds
+    shutil.copytree(PROJECT_ROOT / "pubsub", source / "pubsub", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    script = install_checkout(tmp_path / "venv", checkout=source)
+    result = run_script([script, "--help"], tmp_path, script_env())
+    assert result.returncode == 1
+    assert result.stderr.startswith("pubsub: no checkout around ")
+    assert result.stderr.endswith("install it with `pip install -e <checkout>`\n")
+    assert len(result.stderr.splitlines()) == 1
 
 
 # The units and their settings file.
