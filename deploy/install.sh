@@ -82,4 +82,6 @@ if [ "$start" -eq 1 ]; then
     systemctl restart pubsub.service
     systemctl start "${timers[@]}"
     systemctl --no-pager --lines=5 status pubsub.service
+else
+    log "enabled, not started: edit /etc/pubsub/pubsub.env, then: systemctl start pubsub.service ${timers[*]}"
 fi
