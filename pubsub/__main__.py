@@ -10,6 +10,7 @@ import os
 import sys
 
 import click
+from flask import Flask
 from flask.cli import ScriptInfo
 from flask_migrate.cli import db as migrations
 
@@ -19,7 +20,7 @@ from pubsub.commands.server import PROJECT_ROOT
 from pubsub.settings import ConfigError
 
 
-def load_app():
+def load_app() -> Flask:
     try:
         return create_app()
     except ConfigError as error:

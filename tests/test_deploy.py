@@ -159,17 +159,16 @@ def migrated_revision(url: str) -> str:
 # The script (pubsub/__main__.py).
 
 
-def test_pubsub_script_lists_every_command_from_any_directory(pubsub_script, tmp_path):
-    result = run_script([pubsub_script, "--help"], tmp_path, script_env())
+COMMANDS = ("serve", "cleanup-acked", "cleanup-stuck", "cleanup-idempotency-keys", "create-client", "db")
+
+
+@pytest.mark.parametrize("as_module", [False, True], ids=["pubsub", "python -m pubsub"])
+def test_pubsub_script_lists_every_command_from_any_directory(pubsub_script, tmp_path, as_module):
+    command = [str(Path(pubsub_script).with_name("python")), "-m", "pubsub"] if as_module else [pubsub_script]
+    result = run_script([*command, "--help"], tmp_path, script_env())
     assert result.returncode == 0, result.stderr
-    for command in (
-        "serve",
-        "cleanup-acked",
-        "cleanup-stuck",
-        "cleanup-idempotency-keys",
-        "create-client",
-        "db",
-    ):
+    assert result.stdout.startswith("Usage: pubsub [OPTIONS] COMMAND [ARGS]...")
+    for command in COMMANDS:
         assert re.search(rf"^  {command} ", result.stdout, re.MULTILINE), result.stdout
 
 
