@@ -10,10 +10,13 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: requirements.txt
+# The checkout itself too, editable: .venv/bin/pubsub runs `pubsub serve`, `pubsub db upgrade`, ...
+# from any directory (pubsub/__main__.py), with this checkout's code and migrations.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
