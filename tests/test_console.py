@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from pubsub import clients, db
+from pubsub import clients, create_app, db
+from pubsub.settings import ConfigError
 from tests.auth_support import GLOBAL_SCOPES, SOME_MESSAGE_ID, new_client
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -436,3 +437,25 @@ def test_the_dlq_needs_the_consume_scope(auth_app, auth_client, world, api):
     assert "Listing dead letters needs" in page and message not in page
     log_in(auth_client, auth_app, "subscriptions:read subscriptions:consume")
     assert message in text(auth_client.get("/console/subscriptions/email-sender"))
+
+
+# --- The session's key ---------------------------------------------------------------------------
+
+
+def test_the_session_key_is_the_setting_or_derived_never_the_token_key(make_app, auth_app):
+    assert make_app(CONSOLE_SECRET_KEY="k" * 32).secret_key == "k" * 32
+    assert auth_app.secret_key not in (None, auth_app.config["AUTH_SECRET_KEY"])
+    assert len(auth_app.secret_key) == 64
+
+
+def test_a_short_session_key_stops_start_up(make_app):
+    with pytest.raises(ConfigError, match="PUBSUB_CONSOLE_SECRET_KEY must be at least 32 bytes"):
+        make_app(CONSOLE_SECRET_KEY="short")
+
+
+def test_without_keys_the_workers_share_one_kept_in_instance(tmp_path, monkeypatch, database_url):
+    monkeypatch.setenv("PUBSUB_INSTANCE_PATH", str(tmp_path))
+    first, second = (create_app({"DATABASE_URL": database_url, "TESTING": True}) for _ in range(2))
+    assert first.secret_key == second.secret_key
+    assert (tmp_path / "console-secret-key").read_text() == first.secret_key
+    assert (tmp_path / "console-secret-key").stat().st_mode & 0o777 == 0o600

@@ -117,11 +117,11 @@ def arrange(api: ApiHelper) -> list[str]:
     api.create_topic("orders")
     api.create_topic("payments")
     api.create_subscription("invoices", "orders", max_delivery_attempts=3, ack_deadline_seconds=30)
-    api.create_subscription("email-sender", "orders", filter={"country": ["BR", "US"]})
-    api.create_subscription("ledger", "payments", backoff_min_seconds=10, backoff_max_seconds=600)
+    api.create_subscription("mailer", "orders", filter={"country": ["BR", "US"]})
+    api.create_subscription("audit-log", "payments", backoff_min_seconds=10, backoff_max_seconds=600)
     api.publish("orders", [{"order_id": 1000 + n, "country": "BR", "total": 19.9 + n} for n in range(12)])
     api.publish("payments", [{"payment_id": n, "status": "captured"} for n in range(3)])
-    api.consume("email-sender", batch_size=4)
+    api.consume("mailer", batch_size=4)
     delivered = api.consume("invoices", batch_size=3)
     ids = [message["id"] for message in delivered]
     assert api.client.post("/subscriptions/invoices/nacks?dead_letter=true", json=ids).status_code == 204
@@ -136,8 +136,12 @@ def test_overview_shows_the_backlog_and_refreshes_itself(browser, server, shots,
     row = page.text('tr[data-id="invoices"]')
     assert row.startswith("invoices orders 9 0 0 0 3"), row
     assert "3 attempts, backoff 5–300 s" in row
-    # The worst backlog on top: email-sender is owed 12 (8 available, 4 delivered), invoices 9.
-    assert [row.get_attribute("data-id") for row in page.rows()] == ["email-sender", "invoices", "ledger"]
+    # The worst backlog on top: mailer is owed 12 (8 available, 4 delivered), invoices 9.
+    assert [row.get_attribute("data-id") for row in page.rows()] == [
+        "mailer",
+        "invoices",
+        "audit-log",
+    ]  # not by id
     page.screenshot("console-overview")
     api.publish("orders", [{"order_id": 2000}])
     # console.js fetches the counts again every 5 s: no reload, so no form loses its input.
