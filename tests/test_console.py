@@ -181,6 +181,13 @@ def test_a_bad_test_message_gets_a_422_page(client, api, orders, payload):
     assert api.metrics("invoices")["available"] == 0
 
 
+def test_a_payload_postgresql_refuses_gets_a_422_page(client, api, orders):
+    response = post(client, "/console/topics/orders/publish", payload='{"text": "nul \\u0000 here"}')
+    assert (response.status_code, response.mimetype) == (422, "text/html")
+    assert "invalid data" in text(response)
+    assert api.metrics("invoices")["available"] == 0
+
+
 def test_publish_to_a_missing_topic_gets_a_404_page(client):
     response = post(client, "/console/topics/nope/publish", payload="{}")
     assert response.status_code == 404

@@ -166,6 +166,10 @@ def test_a_dead_letter_opened_and_reprocessed(browser, server, shots, api):
     assert sorted(m["id"] for m in api.dlq("invoices")) == ids[1:]
     assert ids[0] not in page.text("main")
     page.screenshot("console-reprocessed")
+    page.css("#purge-dlq").click()  # console.js asks first
+    page.wait.until(lambda driver: driver.switch_to.alert).accept()
+    page.until_text(".flashes", "2 dead letter(s) deleted")
+    assert api.dlq("invoices") == []
 
 
 def test_a_subscription_created(browser, server, shots, api):
