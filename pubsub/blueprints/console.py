@@ -17,6 +17,8 @@ import time
 
 import marshmallow as ma
 import orjson
+import psycopg
+import sqlalchemy.exc
 from flask import (
     Blueprint,
     Flask,
@@ -32,7 +34,7 @@ from flask import (
 
 from pubsub import auth, clients, db, messages, operations, subscriptions, topics
 from pubsub.blueprints import checked_array, json_object, message_id
-from pubsub.errors import INSUFFICIENT_SCOPE, PubSubError, Unauthorized, ValidationFailed
+from pubsub.errors import INSUFFICIENT_SCOPE, InvalidInput, PubSubError, Unauthorized, ValidationFailed
 from pubsub.schemas import (
     MAX_BATCH_IDS,
     MAX_PUBLISH_BATCH,
@@ -186,6 +188,15 @@ def error_page(error: PubSubError):
         return redirect(url_for("console.login"))
     problems = getattr(error, "errors", None) or {}
     return render_template("console/error.html", error=error, problems=problems), error.status
+
+
+@bp.errorhandler(sqlalchemy.exc.DataError)
+@bp.errorhandler(psycopg.DataError)
+def data_error_page(error: Exception):
+    """What PostgreSQL refuses of what was sent (a NUL character in a payload): a 422 page."""
+    orig = getattr(error, "orig", error)
+    detail = str(getattr(orig, "diag", None) and orig.diag.message_primary or orig)
+    return error_page(InvalidInput(f"invalid data: {detail}"))
 
 
 @bp.route("/login", methods=["GET", "POST"])
