@@ -58,6 +58,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     for module in (topics, subscriptions, clients, oauth, health):
         api.register_blueprint(module.blp)
 
+    from pubsub.blueprints import console
+
+    console.init_app(app)  # a plain blueprint: no part of the API or its OpenAPI document
+
     from pubsub.commands import cli
 
     app.cli.add_command(cli)

@@ -42,6 +42,11 @@ AUTH_SECRET_KEY: str | None = None
 AUTH_ALGORITHM = "HS256"
 AUTH_ACCESS_TOKEN_EXPIRE_MINUTES = 30
 
+# The web console (/console) signs its session cookie (the login's token, the CSRF token) with
+# this key. Unset: a key derived from AUTH_SECRET_KEY, else a random one that the first start
+# writes to instance/console-secret-key (shared by the workers, kept across restarts).
+CONSOLE_SECRET_KEY: str | None = None
+
 # `flask pubsub cleanup-acked`: acked messages older than this are deleted.
 CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS = 3600
 # The ack deadline of subscriptions that do not set ack_deadline_seconds (kept within 10-600):

@@ -109,6 +109,13 @@ def check_config(config: dict[str, Any]) -> None:
             " (make one with: PUBSUB_AUTH_ENABLED=false flask pubsub generate-secret-key)",
             secret=True,
         )
+    console_key = config["CONSOLE_SECRET_KEY"]
+    require(
+        console_key is None or (isinstance(console_key, str) and len(console_key.encode()) >= 32),
+        "CONSOLE_SECRET_KEY",
+        "must be at least 32 bytes, or unset (make one with: flask pubsub generate-secret-key)",
+        secret=True,
+    )
     token = config["METRICS_BEARER_TOKEN"]
     require(
         token is None or (isinstance(token, str) and BEARER_TOKEN.fullmatch(token) is not None),
