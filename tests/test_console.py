@@ -135,10 +135,13 @@ def test_create_subscription_with_its_settings(client, api):
         backoff_min_seconds="",
         backoff_max_seconds="",
         ack_deadline_seconds="45",
+        ordering_key="customer_id",
     )
     assert (response.status_code, response.location) == (302, "/console/subscriptions/invoices")
     created = client.get("/subscriptions/invoices").json
     assert created["filter"] == {"country": ["BR"]}
+    assert created["ordering_key"] == "customer_id"
+    assert "customer_id" in client.get("/console/subscriptions/invoices").get_data(as_text=True)
     assert (created["max_delivery_attempts"], created["ack_deadline_seconds"]) == (7, 45)
     assert (created["backoff_min_seconds"], created["backoff_max_seconds"]) == (5, 300)  # the defaults
 

@@ -247,7 +247,7 @@ def subscription_rows(conn, sort: str) -> list[dict]:
         if setting is not None:
             # Available as GET .../metrics counts it: in backoff included.
             available = counts["available"] + counts["backoff"]
-            backlog = available + counts["delivered"]
+            backlog = available + counts["delivered"] + counts["waiting"]
             rows.append({**setting, **counts, "available": available, "backlog": backlog})
     return sorted(rows, key=SORTS[sort])
 
@@ -394,6 +394,7 @@ def create_subscription():
         "id": request.form.get("id", "").strip(),
         "topic_id": request.form.get("topic_id", "").strip(),
         "filter": form_json("filter"),
+        "ordering_key": request.form.get("ordering_key", "").strip() or None,
     }
     for field in (
         "max_delivery_attempts",
@@ -413,6 +414,7 @@ def create_subscription():
             data["backoff_min_seconds"],
             data["backoff_max_seconds"],
             data["ack_deadline_seconds"],
+            data["ordering_key"],
         )
     flash(f"subscription {data['id']} created")
     return redirect(url_for("console.subscription", subscription_id=data["id"]))
