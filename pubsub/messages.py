@@ -102,11 +102,12 @@ def token_params(token: TokenRef | None) -> dict:
 # finds them when they are due.
 # Ordering keys (migration 0008): a copy for a subscription with an ordering key carries the MD5 of
 # the key field's JSON value (NULL without the field, or with null in it); the trigger then makes it
-# wait behind its key's earlier messages. `ordered` first takes the ordering locks of the
-# subscriptions written to, in id order, so that publishes to several ordered subscriptions
-# cannot deadlock; the INSERT's one-time filter on it runs before any row is inserted. Without
-# ordered subscriptions it reads nothing. NOWAIT: a lock held fails the statement at once
-# (LockNotAvailable), as the FOR KEY SHARE does.
+# wait behind its key's earlier messages. `ordered` first takes the locks of the keys published to,
+# subscription by subscription in id order, each one's keys in key order, so that statements
+# taking several cannot deadlock; the INSERT's one-time filter on it runs before any row is
+# inserted. Without ordered subscriptions it reads nothing. NOWAIT: a subscription locked
+# exclusively fails the statement at once (LockNotAvailable), as the FOR KEY SHARE does; a key
+# lock is waited for (an ack or publish of that key committing).
 ORDERING_KEY = "CAST(md5(CAST(NULLIF(published.payload -> subs.ordering_key, 'null') AS text)) AS uuid)"
 
 
@@ -135,14 +136,19 @@ WITH revoked AS MATERIALIZED (
 ), subs AS (
     SELECT id, topic_id, filter, coalesce(notify_until > now(), false) AS notify, ordering_key
     FROM subscriptions WHERE topic_id IN (SELECT topic_id FROM requests) {lock}
-), ordered AS MATERIALIZED (
-    SELECT pubsub_lock_ordering(o.id, {nowait}) FROM (
-        SELECT id FROM subs WHERE ordering_key IS NOT NULL ORDER BY id
-    ) AS o
 ), published AS MATERIALIZED (
     SELECT gen_random_uuid() AS id, m.payload, b.k, m.n
     FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS b (batch, k),
          jsonb_array_elements(b.batch) WITH ORDINALITY AS m (payload, n)
+), ordered AS MATERIALIZED (
+    SELECT pubsub_lock_keys(o.id, o.keys, {nowait}) FROM (
+        SELECT subs.id, array_agg(DISTINCT {ORDERING_KEY}) FILTER (WHERE {ORDERING_KEY} IS NOT NULL) AS keys
+        FROM published JOIN requests ON requests.k = published.k
+        JOIN subs ON subs.topic_id = requests.topic_id
+        WHERE subs.ordering_key IS NOT NULL
+        GROUP BY subs.id ORDER BY subs.id
+    ) AS o
+    WHERE o.keys IS NOT NULL
 ), inserted AS (
     INSERT INTO subscription_messages (subscription_id, id, payload, state, available_at, ordering_key)
     SELECT subs.id, published.id, published.payload, {AVAILABLE}, coalesce(requests.available_at, now()),

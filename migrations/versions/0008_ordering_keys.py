@@ -7,13 +7,18 @@ head leaves the queue (acked, dead-lettered, purged), the next one becomes avail
 
 Triggers keep that rule on every path that adds a message to a key or removes its head (publish,
 redrive, ack, nack, claims of lapsed leases, cleanup-stuck, purges, deletes), so that no
-statement can forget it. They serialize on one advisory lock per ordered subscription, held to
-commit, and read with a fresh snapshot after taking it (PL/pgSQL functions are volatile: each of
-their queries sees what committed before it started). So a publish either sees the head that an
-ack is removing still there and its message waits, and the ack, which waited for the publish's
-commit, then sees that message and promotes it; or it sees the head gone and its message is the
-new head. Statements that take the locks of several subscriptions take them in id order first
-(pubsub_lock_ordering), so two of them cannot deadlock.
+statement can forget it. They serialize on advisory locks held to commit, and read with a fresh
+snapshot after taking them (PL/pgSQL functions are volatile: each of their queries sees what
+committed before it started). So a publish either sees the head that an ack is removing still
+there and its message waits, and the ack, which waited for the publish's commit, then sees that
+message and promotes it; or it sees the head gone and its message is the new head.
+
+The locks: each key of an ordered subscription has one, taken with the subscription's lock in
+shared mode (publishes and acks: other keys go on in parallel); the rare paths (dead-lettering,
+redrive, deletes) take the subscription's lock exclusively, which excludes every key's holder.
+Every statement takes them subscription by subscription in id order, each one's keys in key
+order, before it needs them (the publish, the ack's statement trigger) or one subscription at a
+time (the row triggers, cleanup-stuck), so two statements cannot deadlock on them.
 
 The triggers' queries are planned once per session and their plans kept (PL/pgSQL), so a plan
 made while the table was small would read it whole at every row later, until an ANALYZE. With
@@ -37,6 +42,8 @@ depends_on = None
 TABLE = "subscription_messages"
 
 FUNCTIONS = """
+-- A whole ordered subscription, exclusively: for the rare paths (dead-lettering, redrive,
+-- deletes), which then need no key locks.
 CREATE FUNCTION pubsub_lock_ordering(subscription_id text, nowait boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -50,15 +57,47 @@ BEGIN
     END IF;
 END $$;
 
--- A keyed message enters the queue (published, or redriven from the DLQ): it waits if its key
--- has a message pending already.
+-- Some keys of an ordered subscription (publishes, acks): the subscription's lock shared, then
+-- each key's exclusively, in key order, so that acks and publishes of other keys go on. Over 128
+-- keys, the subscription's lock exclusively instead: PostgreSQL's lock table holds about 64 locks
+-- per connection on average.
+CREATE FUNCTION pubsub_lock_keys(subscription_id text, keys uuid[], nowait boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    key uuid;
+BEGIN
+    IF cardinality(keys) > 128 THEN
+        PERFORM pubsub_lock_ordering(subscription_id, nowait);
+        RETURN;
+    END IF;
+    IF nowait THEN
+        IF NOT pg_try_advisory_xact_lock_shared(hashtextextended('pubsub ordering ' || subscription_id, 0))
+        THEN
+            RAISE EXCEPTION 'the ordering lock of subscription % is held', subscription_id
+                USING ERRCODE = 'lock_not_available';
+        END IF;
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(hashtextextended('pubsub ordering ' || subscription_id, 0));
+    END IF;
+    FOR key IN SELECT k FROM unnest(keys) AS k ORDER BY k LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended(subscription_id || ' ' || key::text, 0));
+    END LOOP;
+END $$;
+
+-- A keyed message enters the queue: published (its keys locked), or redriven from the DLQ (the
+-- subscription locked). It waits if its key has a message pending already.
 CREATE FUNCTION pubsub_ordering_enter() RETURNS trigger
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 BEGIN
-    PERFORM pubsub_lock_ordering(NEW.subscription_id);
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pubsub_lock_keys(NEW.subscription_id, ARRAY[NEW.ordering_key]);
+    ELSE
+        PERFORM pubsub_lock_ordering(NEW.subscription_id);
+    END IF;
     IF EXISTS (
         SELECT FROM subscription_messages
-        WHERE subscription_id = NEW.subscription_id AND ordering_key = NEW.ordering_key
+        WHERE ordering_key = NEW.ordering_key AND subscription_id = NEW.subscription_id
           AND state IN (0, 1, 3)
     ) THEN
         NEW.state := 3;
@@ -66,18 +105,18 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- The heads of these keys left the queue: the next message of each, in publish order, becomes
--- available, and long-poll consumers waiting on the subscription are woken as by a publish. FOR
--- UPDATE skips a message that a purge deleted meanwhile (purges delete waiting messages without
--- the ordering lock) and takes the next. The update goes by the locked rows' ctids: by id, the
--- planner could choose to read the subscription's whole range of the claim index and join it.
+-- The heads of these keys left the queue (the caller holds their locks): the next message of
+-- each, in publish order, becomes available, and long-poll consumers waiting on the subscription
+-- are woken as by a publish. FOR UPDATE skips a message that a purge deleted meanwhile (purges
+-- delete waiting messages without the ordering locks) and takes the next. The update goes by the
+-- locked rows' ctids: by id, the planner could choose to read the subscription's whole range of
+-- the claim index and join it.
 CREATE FUNCTION pubsub_ordering_next(subscription text, keys uuid[]) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     tids tid[];
     promoted bigint;
 BEGIN
-    PERFORM pubsub_lock_ordering(subscription);
     SELECT array_agg(next.tid) INTO tids FROM (
         SELECT (
             SELECT w.ctid FROM subscription_messages AS w
@@ -100,6 +139,7 @@ END $$;
 CREATE FUNCTION pubsub_ordering_leave() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM pubsub_lock_ordering(OLD.subscription_id);
     PERFORM pubsub_ordering_next(OLD.subscription_id, ARRAY[OLD.ordering_key]);
     RETURN NULL;
 END $$;
@@ -117,6 +157,7 @@ BEGIN
         WHERE ordering_key IS NOT NULL AND state IN (0, 1)
         GROUP BY subscription_id ORDER BY subscription_id
     LOOP
+        PERFORM pubsub_lock_keys(heads.subscription_id, heads.keys);
         PERFORM pubsub_ordering_next(heads.subscription_id, heads.keys);
     END LOOP;
     RETURN NULL;
@@ -157,7 +198,8 @@ def downgrade():
         op.execute(f"DROP TRIGGER {trigger} ON {TABLE}")
     op.execute(
         "DROP FUNCTION pubsub_ordering_enter(), pubsub_ordering_leave(), pubsub_ordering_deleted(),"
-        " pubsub_ordering_next(text, uuid[]), pubsub_lock_ordering(text, boolean)"
+        " pubsub_ordering_next(text, uuid[]), pubsub_lock_keys(text, uuid[], boolean),"
+        " pubsub_lock_ordering(text, boolean)"
     )
     op.drop_index("ix_subscription_messages_ordering", table_name=TABLE)
     # What waited behind a key is simply available: without keys there is no order to keep.
