@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pubsub import db, messages
+from tests.conftest import serve_settings
 from tests.history import (
     Client,
     Consumer,
@@ -78,10 +79,10 @@ class Server:
 
 
 @pytest.fixture
-def servers(database_url, tmp_path, history, workers) -> Iterator[list[Server]]:
+def servers(database_settings, tmp_path, history, workers) -> Iterator[list[Server]]:
     """Three servers on the test database. The workload is stopped and its connections closed
     before the servers (idle keep-alive connections would hold up gunicorn's graceful stop)."""
-    settings = {"DATABASE_URL": database_url}
+    settings = serve_settings(database_settings)
     started = [Server(i, free_port(), tmp_path / f"serve-{i}.log", settings) for i in range(SERVERS)]
     try:
         for server in started:
