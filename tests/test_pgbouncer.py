@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
+from alembic.script import ScriptDirectory
 from flask import Flask
+from flask_migrate import upgrade
 from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db
@@ -173,3 +175,19 @@ def test_connections_through_pgbouncer_are_in_utc_though_it_ignores_the_options_
                     conn.close()
     finally:
         db.dispose(app)
+
+
+def test_migrations_run_through_pgbouncer(bouncer, server_url):
+    """`flask db upgrade`'s code path: each migration is a transaction, nothing needs a session."""
+    with new_database(server_url, migrate=False) as url:
+        app = create_app({"DATABASE_URL": bouncer.url(url), "DATABASE_PREPARED_STATEMENTS": False})
+        try:
+            with app.app_context():
+                upgrade()
+                head = ScriptDirectory.from_config(
+                    app.extensions["migrate"].migrate.get_config()
+                ).get_current_head()
+                with db.connect() as conn:
+                    assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head
+        finally:
+            db.dispose(app)
