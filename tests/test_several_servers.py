@@ -49,7 +49,8 @@ SETTINGS = {
     # publish on another server was woken by that publish's NOTIFY, not by a re-check.
     "LONG_POLL_RECHECK_SECONDS": "20",
 }
-WAKE_BOUND = 2.0  # seconds from a publish to the long poll on another server answering with it
+WAKE_BOUND = 4.0  # seconds from a publish to the long poll on another server answering with it (a
+# missed notification: no answer within its 10 s wait, the re-check being 20 s away)
 LOAD_SECONDS = 2.0
 LOCK_TIMEOUT = 2  # cleanup-stuck: the killed server's claims stay locked until released
 KILLED = SERVERS - 1
