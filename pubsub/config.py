@@ -16,6 +16,15 @@ DATABASE_MAX_OVERFLOW = 10
 # Test each pooled connection before use, so a restarted database costs no failed request: a
 # look at its socket (db.check_alive), not a SELECT 1 round trip.
 DATABASE_POOL_PRE_PING = True
+# Let psycopg prepare a statement server-side after it ran five times on a connection (a parse
+# and plan saved per run). Set false behind a pooler in transaction mode (PgBouncer before 1.21:
+# README "Behind PgBouncer"), whose server connections change under each transaction: every
+# connection then gets prepare_threshold=None.
+DATABASE_PREPARED_STATEMENTS = True
+# The URL of the one connection per process that LISTENs for long-poll wake-ups (pubsub.listener).
+# Unset: DATABASE_URL. LISTEN needs a session of its own, which a pooler in transaction mode
+# does not give: behind one, point this at PostgreSQL itself (the same database).
+DATABASE_LISTEN_URL: str | None = None
 
 # debug, info, warning, error or critical.
 LOG_LEVEL = "info"

@@ -80,7 +80,54 @@ def create_engine(app: Flask) -> sa.Engine:
     )
     if config["DATABASE_POOL_PRE_PING"]:
         sa.event.listen(engine, "checkout", check_alive)
+    add_pooler_support(engine, config)
     return engine
+
+
+# --- Behind a pooler in transaction mode (README "Behind PgBouncer") ----------------------------
+
+
+def add_pooler_support(engine: sa.Engine, config) -> None:
+    """What the pool's connections need to work through PgBouncer in transaction mode: psycopg's
+    server-side prepared statements off if DATABASE_PREPARED_STATEMENTS is false, and the UTC time
+    zone set on connect when the `options` startup parameter did not set it."""
+    if not config["DATABASE_PREPARED_STATEMENTS"]:
+        sa.event.listen(engine, "do_connect", no_prepared_statements)
+    sa.event.listen(engine, "connect", set_time_zone)
+
+
+def driver_options(config) -> dict:
+    """psycopg.connect() arguments that the settings ask of every connection (pool and listener)."""
+    return {} if config["DATABASE_PREPARED_STATEMENTS"] else {"prepare_threshold": None}
+
+
+def no_prepared_statements(dialect, connection_record, cargs, cparams) -> None:
+    """Each statement parsed and planned at each run: a transaction-mode pooler runs a
+    connection's transactions on whichever server connection is free, where a statement prepared
+    on another does not exist (or a new one's name is taken)."""
+    cparams["prepare_threshold"] = None
+
+
+def set_time_zone(dbapi_connection, connection_record) -> None:
+    """Every timestamp is handed out in UTC. The `options` startup parameter (-c TimeZone=UTC)
+    sets it on a direct connection; PgBouncer accepts that parameter only to ignore it
+    (ignore_startup_parameters = options), so the server's own zone may come through: then SET
+    it, once per connection. PgBouncer tracks TimeZone per client and sets it again on every
+    server connection it lends this one (it is one of the parameters it keeps)."""
+    if dbapi_connection.info.parameter_status("TimeZone") == "UTC":
+        return
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute("SET TimeZone TO 'UTC'")
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+def listen_url(app: Flask) -> str:
+    """The URL of the long-poll LISTEN connection: DATABASE_LISTEN_URL, else DATABASE_URL."""
+    url = app.config["DATABASE_LISTEN_URL"]
+    return psycopg_url(url) if url else database_url(app)
 
 
 def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:

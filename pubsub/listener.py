@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterable
 
 import psycopg
+import sqlalchemy as sa
 from flask import Flask
 
 from pubsub import db, subscriptions
@@ -162,6 +163,8 @@ class Listener:
     def __init__(self, app: Flask):
         config = app.config
         self.engine = db.get_engine(app)
+        self.listen_url = sa.engine.make_url(db.listen_url(app))  # LISTEN needs a session
+        self.driver_options = db.driver_options(config)
         self.recheck_seconds = config["LONG_POLL_RECHECK_SECONDS"]
         self.capacity = config["LONG_POLL_MAX_WAITERS"]
         self.lock = threading.Lock()
@@ -379,8 +382,9 @@ class Listener:
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
     def connect(self) -> psycopg.Connection:
-        args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+        args, kwargs = self.engine.dialect.create_connect_args(self.listen_url)
         kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 5}
+        kwargs.update(self.driver_options)
         return psycopg.connect(*args, **kwargs)
 
     def listen(self, conn: psycopg.Connection) -> None:

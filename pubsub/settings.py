@@ -129,3 +129,16 @@ def check_config(config: dict[str, Any]) -> None:
         "DATABASE_URL",
         "must start with postgresql:// or postgresql+psycopg://",
     )
+    listen_url = config["DATABASE_LISTEN_URL"]
+    require(
+        listen_url is None
+        or listen_url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")),
+        "DATABASE_LISTEN_URL",
+        "must start with postgresql:// or postgresql+psycopg://, or be unset (DATABASE_URL's)",
+        secret=True,  # it may hold a password
+    )
+    require(
+        isinstance(config["DATABASE_PREPARED_STATEMENTS"], bool),
+        "DATABASE_PREPARED_STATEMENTS",
+        "must be true or false",
+    )

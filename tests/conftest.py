@@ -22,8 +22,11 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 from pubsub import create_app, db
 from tests.history import History, Workers
+from tests.pgbouncer import PgBouncer
 
 TEST_DATABASE_URL = os.environ.get("PUBSUB_TEST_DATABASE_URL") or os.environ.get("PUBSUB_DATABASE_URL")
+# Apps reach the test database through a PgBouncer the session starts (database_settings).
+PGBOUNCER = os.environ.get("PUBSUB_TEST_PGBOUNCER", "").strip().lower() in ("1", "true", "yes", "on")
 pytest_plugins = ["tests.auth_support"]  # auth fixtures shared by the test_auth*.py modules
 
 TABLES = ("acked_messages", "subscription_messages", "subscriptions", "topics", "clients", "publish_keys")
@@ -82,12 +85,38 @@ def database_url(server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def make_app(database_url: str):
+def database_settings(server_url: str, database_url: str) -> Iterator[dict]:
+    """The settings that put an app on the test database: its URL; with PUBSUB_TEST_PGBOUNCER set
+    (CI's third run), a PgBouncer in transaction mode in front of it, started for the session
+    (tests/pgbouncer.py), with prepared statements off and the LISTEN connection straight to the
+    database, as README "Behind PgBouncer" says. The harness's own connections (database_url:
+    CREATE DATABASE, TRUNCATE, pg_stat_activity) stay direct."""
+    if not PGBOUNCER:
+        yield {"DATABASE_URL": database_url}
+        return
+    with PgBouncer(server_url, pool_size=40) as bouncer:
+        yield {
+            "DATABASE_URL": bouncer.url(database_url),
+            "DATABASE_LISTEN_URL": database_url,
+            "DATABASE_PREPARED_STATEMENTS": False,
+        }
+
+
+def serve_settings(settings: dict) -> dict[str, str]:
+    """database_settings as `flask pubsub serve` takes them: serve_env(**serve_settings(...))."""
+    return {
+        name: str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in settings.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def make_app(database_settings: dict):
     """Build an app on the test database with some settings changed; disposed at the end."""
     apps = []
 
     def make(**overrides):
-        app = create_app({"DATABASE_URL": database_url, "TESTING": True, **overrides})
+        app = create_app({**database_settings, "TESTING": True, **overrides})
         apps.append(app)
         return app
 

@@ -442,8 +442,10 @@ class Consumer:
         crashes_on: Callable[[object], bool] | None = None,
         idle_sleep: float = 0.1,
         dead_letter_ratio: float = 0.0,
+        wait_seconds: int = 0,
     ):
         self.history, self.name, self.subscription = history, name, subscription
+        self.wait_seconds = wait_seconds  # a long poll: each claim waits up to this for a message
         self.dead_letter_ratio = dead_letter_ratio
         self.batch_size, self.nack_ratio, self.work_seconds = batch_size, nack_ratio, work_seconds
         self.nack_below_attempts = nack_below_attempts
@@ -456,6 +458,8 @@ class Consumer:
     def poll_once(self) -> int | None:
         """One claim and the settling of its batch: how many messages came, None if it failed."""
         query = f"consumer_id={quote(self.name)}&batch_size={self.batch_size}"
+        if self.wait_seconds:
+            query += f"&wait_seconds={self.wait_seconds}"
         response = self.client.request("GET", f"{self.path}/messages?{query}")
         self.last_status = response.status
         if response.status != 200:
@@ -514,6 +518,45 @@ class Consumer:
                     time.sleep(self.idle_sleep)
         finally:
             self.client.close()
+
+
+@dataclass
+class WakeUp:
+    """A long poll on one server and a publish of one message on another: how long after the
+    publish was sent the waiting consume answered with it (None: it did not get it)."""
+
+    waiter_port: int
+    publisher_port: int
+    latency: float | None
+
+
+def wake_up(
+    history: History, name: str, topic: str, waiter_port: int, publisher_port: int, wait_seconds: int = 10
+) -> WakeUp:
+    """A consumer long-polls the topic's subscription of the same name (which nothing else
+    consumes) on one server; once it has waited `park_seconds`, a producer publishes one message
+    on the other. Both are recorded in the history, so the checker sees them too."""
+    park_seconds = 1.0
+    consumer = Consumer(
+        history, waiter_port, f"{name}-c", topic, batch_size=1, nack_ratio=0, wait_seconds=wait_seconds
+    )
+    got: list[int | None] = []
+    waiter = threading.Thread(target=lambda: got.append(consumer.poll_once()), name=f"{name}-c", daemon=True)
+    waiter.start()
+    waiter.join(park_seconds)
+    if not waiter.is_alive():  # answered before anything was published: no wake-up to time
+        consumer.client.close()
+        return WakeUp(waiter_port, publisher_port, None)
+    producer = Producer(history, publisher_port, f"{name}-p", topic, batch_size=1)
+    publish = producer.publish_batch()
+    producer.client.close()
+    waiter.join(wait_seconds + REQUEST_TIMEOUT)
+    consumer.client.close()
+    with history.lock:
+        answered = [d.t1 for d in history.deliveries if d.consumer == consumer.name]
+    if publish.outcome != "ok" or got != [1] or not answered:
+        return WakeUp(waiter_port, publisher_port, None)
+    return WakeUp(waiter_port, publisher_port, answered[0] - publish.t0)
 
 
 def drain(

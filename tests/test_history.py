@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from pubsub import db, messages
 from pubsub.subscriptions import create_subscription
-from tests.conftest import threaded_server
+from tests.conftest import serve_settings, threaded_server
 from tests.history import (
     SLACK,
     Client,
@@ -611,12 +611,14 @@ def open_connections(worker: psutil.Process, port: int) -> int:
 
 
 @pytest.fixture
-def gunicorn(database_url, history, workers, tmp_path) -> Iterator[tuple[int, Path, psutil.Process]]:
+def gunicorn(database_settings, history, workers, tmp_path) -> Iterator[tuple[int, Path, psutil.Process]]:
     """`flask pubsub serve` with 2 workers: its port, its log and the gunicorn master. The
     workload is stopped and its connections closed before the server (idle keep-alive
     connections would hold up gunicorn's graceful stop)."""
     port, log = free_port(), tmp_path / "serve.log"
-    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="2", API_NUM_THREADS="8")
+    env = serve_env(
+        **serve_settings(database_settings), API_PORT=str(port), API_NUM_WORKERS="2", API_NUM_THREADS="8"
+    )
     with serving(env, log) as process:
         try:
             wait_until_live(process, port, log)

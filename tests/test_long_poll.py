@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db, listener, observability
 from pubsub.listener import SharedWakes
+from tests.conftest import serve_settings
 from tests.test_serve import free_port, output_of, request, serve_env, serving, wait_until_live
 
 LISTENER = "pubsub-listener"  # application_name of the LISTEN connection
@@ -40,14 +41,14 @@ def libpq_url(database_url: str) -> str:
 
 
 @pytest.fixture
-def new_app(database_url, pg) -> Iterator[Callable[..., Flask]]:
+def new_app(database_settings, pg) -> Iterator[Callable[..., Flask]]:
     """Apps of this test only, with some settings changed; their listener and engine are gone at
     the end (the session's make_app keeps its apps, and their listeners, until the session ends)."""
     apps = []
     known = listener_pids(pg)
 
     def make(**overrides) -> Flask:
-        app = create_app({"DATABASE_URL": database_url, "TESTING": True, **overrides})
+        app = create_app({**database_settings, "TESTING": True, **overrides})
         apps.append(app)
         return app
 
@@ -675,14 +676,14 @@ def declined_header(port: int, path: str) -> tuple[int, str | None, float]:
 
 
 @pytest.mark.slow
-def test_waiting_consumers_take_no_thread_that_serves_requests(database_url, pg, tmp_path):
+def test_waiting_consumers_take_no_thread_that_serves_requests(database_settings, pg, tmp_path):
     """A gunicorn worker serves requests with API_NUM_THREADS threads (here 2) and lets up to
     LONG_POLL_MAX_WAITERS consumers (here 40) wait beside them, each in a thread of its own that
     holds no database connection and, while it waits, none of the API_NUM_THREADS: everything
     else is answered at once meanwhile. The 41st long poll is declined at once, and says so."""
     port, log = free_port(), tmp_path / "serve.log"
     env = serve_env(
-        DATABASE_URL=database_url,
+        **serve_settings(database_settings),
         API_PORT=str(port),
         API_NUM_WORKERS="1",
         API_NUM_THREADS="2",
@@ -774,12 +775,15 @@ def test_worker_processes_share_out_a_notifications_messages(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_wake_about_one_waiter_per_published_message(database_url, tmp_path):
+def test_two_workers_wake_about_one_waiter_per_published_message(database_settings, tmp_path):
     """Both worker processes receive every notification; the first with idle waiters takes its
     messages, so a message costs about one claim in the server, not one per worker."""
     port, log = free_port(), tmp_path / "serve.log"
     env = serve_env(
-        DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="2", LONG_POLL_RECHECK_SECONDS="30"
+        **serve_settings(database_settings),
+        API_PORT=str(port),
+        API_NUM_WORKERS="2",
+        LONG_POLL_RECHECK_SECONDS="30",
     )
     waiters: list[HttpWaiter] = []
     try:
@@ -811,11 +815,11 @@ def test_two_workers_wake_about_one_waiter_per_published_message(database_url, t
 
 
 @pytest.mark.slow
-def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_url, tmp_path):
+def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_settings, tmp_path):
     """SIGTERM: the workers stop taking connections and their waiting consumers get an empty
     answer at once, instead of keeping the server up for the rest of their wait."""
     port, log = free_port(), tmp_path / "serve.log"
-    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="2")
+    env = serve_env(**serve_settings(database_settings), API_PORT=str(port), API_NUM_WORKERS="2")
     waiters: list[HttpWaiter] = []
     try:
         with serving(env, log) as process:
@@ -835,11 +839,11 @@ def test_a_stopping_server_answers_its_waiting_consumers_at_once(database_url, t
 
 
 @pytest.mark.slow
-def test_a_long_poll_its_client_gave_up_on_claims_nothing(database_url, tmp_path):
+def test_a_long_poll_its_client_gave_up_on_claims_nothing(database_settings, tmp_path):
     """A consumer that hangs up while waiting: the publish that wakes its poll is claimed by
     someone still there, not leased to no one until the ack deadline."""
     port, log = free_port(), tmp_path / "serve.log"
-    env = serve_env(DATABASE_URL=database_url, API_PORT=str(port), API_NUM_WORKERS="1")
+    env = serve_env(**serve_settings(database_settings), API_PORT=str(port), API_NUM_WORKERS="1")
     with serving(env, log) as process:
         wait_until_live(process, port, log)
         assert http_request(port, "POST", "/topics", {"id": "orders"})[0] == 201

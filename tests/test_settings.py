@@ -56,6 +56,12 @@ def test_instance_config_sits_between_defaults_and_environment(tmp_path, monkeyp
         ("LOG_LEVEL", "loud", "PUBSUB_LOG_LEVEL must be one of"),
         ("LOG_FORMAT", "xml", "PUBSUB_LOG_FORMAT must be one of"),
         ("DATABASE_URL", "mysql://x", "PUBSUB_DATABASE_URL must start with postgresql://"),
+        ("DATABASE_LISTEN_URL", "mysql://x", "PUBSUB_DATABASE_LISTEN_URL must start with postgresql://"),
+        (
+            "DATABASE_PREPARED_STATEMENTS",
+            "maybe",
+            "PUBSUB_DATABASE_PREPARED_STATEMENTS must be true or false",
+        ),
         (
             "SUBSCRIPTION_BACKOFF_MIN_SECONDS",
             "301",
