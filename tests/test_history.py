@@ -22,10 +22,12 @@ from pubsub.subscriptions import create_subscription
 from tests.conftest import threaded_server
 from tests.history import (
     SLACK,
+    Call,
     Client,
     Consumer,
     ConsumerCrashed,
     Delivery,
+    Extend,
     History,
     Producer,
     Publish,
@@ -63,13 +65,33 @@ FILTERS = {
 # --- The checker, on synthetic histories -------------------------------------------------------
 
 
-def published(history: History, *values: str, status: int | None = 204, t: float = 0.0, topic: str = "t"):
-    payloads = [{"value": v, "country": "BR"} for v in values]
+def payload_of(value: str, key: str | None) -> dict:
+    """A synthetic payload; with a key, its "customer" field (the ordered subscriptions' key)."""
+    return {"value": value, "country": "BR"} | ({} if key is None else {"customer": key})
+
+
+def published(
+    history: History,
+    *values: str,
+    status: int | None = 204,
+    t: float = 0.0,
+    topic: str = "t",
+    key: str | None = None,
+):
+    payloads = [payload_of(v, key) for v in values]
     history.record_publish(Publish("p", topic, list(values), payloads, status, t, t + 0.01))
 
 
-def delivered(history: History, value: str, message_id: str, consumer: str, t: float, attempts: int = 1):
-    payload = {"value": value, "country": "BR"}
+def delivered(
+    history: History,
+    value: str,
+    message_id: str,
+    consumer: str,
+    t: float,
+    attempts: int = 1,
+    key: str | None = None,
+):
+    payload = payload_of(value, key)
     history.record_deliveries([Delivery("s", consumer, message_id, value, payload, attempts, t, t + 0.01)])
 
 
@@ -79,6 +101,10 @@ def settled(history: History, kind: str, message_id: str, consumer: str, t: floa
 
 def cleanup_ran(history: History, lock_timeout: float, t: float) -> None:
     history.record_release(Release(lock_timeout, t, t + 0.01, 1, 0))
+
+
+def extended(history: History, message_id: str, consumer: str, seconds: float, t: float) -> None:
+    history.record_extend(Extend("s", consumer, [message_id], seconds, 204, t, t + 0.01))
 
 
 @pytest.fixture
@@ -221,6 +247,153 @@ def test_checker_reports_a_delayed_message_claimed_before_its_time_and_accepts_o
 def test_checker_reports_delayed_messages_left_behind_by_the_drain(synthetic):
     synthetic.record_metrics("s", {"available": 0, "delayed": 3, "delivered": 0, "acked": 2, "dlq": 0})
     assert len(check(synthetic).not_drained) == 1
+
+
+def test_checker_reports_a_redelivery_before_the_lease_lapsed_and_accepts_one_after(synthetic):
+    synthetic.subscriptions["s"].ack_deadline = 10
+    published(synthetic, "c", "d", t=0.6)
+    delivered(synthetic, "c", "m-c", "c1", t=3.0)  # c1 dies holding it: its lease lapses at 13.0
+    delivered(synthetic, "c", "m-c", "c2", t=13.1, attempts=2)
+    settled(synthetic, "ack", "m-c", "c2", t=13.2)
+    delivered(synthetic, "d", "m-d", "c1", t=3.0)
+    extended(synthetic, "m-d", "c1", seconds=1, t=3.05)  # ... and this one's at 4.05
+    delivered(synthetic, "d", "m-d", "c2", t=4.1, attempts=2)
+    settled(synthetic, "ack", "m-d", "c2", t=4.2)
+    assert check(synthetic).ok, check(synthetic).summary()
+    assert check(synthetic).stats["lease extensions"] == 1
+    delivered(synthetic, "c", "m-c", "c3", t=12.0, attempts=2)  # 1 s before c1's lease lapsed
+    settled(synthetic, "nack", "m-c", "c3", t=12.5)
+    report = check(synthetic)
+    assert len(report.locked_twice) == 1 and "to c1" in report.locked_twice[0], report.summary()
+
+
+@pytest.fixture
+def ordered() -> History:
+    """A subscription s of topic t ordered by "customer" (ack deadline 10 s, 3 attempts), created
+    at time 0; a1 and a2 of key a published in that order in one call at 0.5, b1 of key b
+    with them: b1 acked at once, and a1 delivered at 1.0 (claimed by 1.01)."""
+    history = History()
+    history.record_subscription("s", "t", None, 0.0, ordering_key="customer", ack_deadline=10, max_attempts=3)
+    history.record_publish(
+        Publish(
+            "p", "t", ["a1", "a2", "b1"], [payload_of(v, v[0]) for v in ("a1", "a2", "b1")], 204, 0.5, 0.51
+        )
+    )
+    delivered(history, "b1", "m-b1", "c2", t=1.0, key="b")
+    settled(history, "ack", "m-b1", "c2", t=1.1)
+    delivered(history, "a1", "m-a1", "c1", t=1.0, key="a")
+    return history
+
+
+def test_checker_accepts_a_key_delivered_in_order_one_at_a_time(ordered):
+    settled(ordered, "ack", "m-a1", "c1", t=1.1)  # answered at 1.11
+    # Claimed while the ack was under way: it began before this claim ended, so it may have
+    # deleted a1 first.
+    delivered(ordered, "a2", "m-a2", "c2", t=1.105, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=1.2)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    assert report.stats["ordered pairs"] == 1
+
+
+def test_checker_reports_a_message_claimed_while_the_one_before_it_waits_for_its_retry(ordered):
+    settled(ordered, "nack", "m-a1", "c1", t=1.1)  # a1 is back in the queue, in its backoff
+    delivered(ordered, "a2", "m-a2", "c2", t=1.5, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=1.6)
+    delivered(ordered, "a1", "m-a1", "c1", t=2.5, attempts=2, key="a")
+    settled(ordered, "ack", "m-a1", "c1", t=2.6)
+    report = check(ordered)
+    assert len(report.out_of_order) == 1, report.summary()
+    assert report.out_of_order[0].startswith('s/"a": a2 (m-a2) claimed by 1.510 by c2 (attempt 1); a1')
+    assert report.two_of_a_key == [] and not report.ok  # a1's lease ended with its nack
+
+
+@pytest.mark.parametrize(
+    ("leaves", "left"),
+    [
+        ("dead-letter nack", 1.1),
+        ("nack out of attempts", 1.3),
+        ("lease lapsed out of attempts", 1.2 + 10 - SLACK),
+        ("unseen, in the DLQ at the end", 1.2),
+    ],
+)
+def test_checker_accepts_the_next_message_once_the_one_before_it_was_dead_lettered(ordered, leaves, left):
+    """a1 leaves for the DLQ at `left` at the earliest (as far as the history can tell), and a2
+    is claimed after that; claimed just before, it is out of order."""
+    if leaves == "dead-letter nack":
+        settled(ordered, "dead_letter", "m-a1", "c1", t=1.1)
+    else:
+        settled(ordered, "nack", "m-a1", "c1", t=1.1)  # not out of attempts: a1 stays
+    if leaves in ("nack out of attempts", "lease lapsed out of attempts"):
+        delivered(ordered, "a1", "m-a1", "c3", t=1.2, attempts=3, key="a")
+    if leaves == "nack out of attempts":
+        settled(ordered, "nack", "m-a1", "c3", t=1.3)
+    if leaves == "unseen, in the DLQ at the end":
+        # A consume call cut short may have delivered a1's last attempts, whose lease lapsed.
+        ordered.record_call(Call("c3", "GET", "/subscriptions/s/messages", None, 1.2, 11.2, "timeout"))
+    ordered.record_dead("s", ["a1"])
+    delivered(ordered, "a2", "m-a2", "c2", t=left + 0.01, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=left + 0.1)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    ordered.deliveries[-1] = Delivery(
+        "s", "c2", "m-a2", "a2", payload_of("a2", "a"), 1, left - 0.02, left - 0.01
+    )
+    report = check(ordered)
+    assert len(report.out_of_order) == 1 and "m-a2" in report.out_of_order[0], report.summary()
+
+
+def test_checker_orders_only_what_was_published_in_a_known_order(ordered):
+    """Publishes that overlapped in time, or one cut short (it may have committed later), give no
+    order: a3 and a4 may be delivered before a2, after a1's ack."""
+    settled(ordered, "ack", "m-a1", "c1", t=1.1)
+    published(ordered, "a3", t=0.505, key="a")  # [0.505, 0.515]: overlaps a1 and a2's publish
+    published(ordered, "a4", t=0.3, status=None, key="a")  # ended before it, with no answer
+    for i, value in enumerate(("a3", "a4", "a2")):
+        delivered(ordered, value, f"m-{value}", "c2", t=2.0 + i, key="a")
+        settled(ordered, "ack", f"m-{value}", "c2", t=2.1 + i)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    assert report.stats["ordered pairs"] == 1  # a1 before a2 only
+    # With an answer, a4's publish comes before the others: a1 and a3 came before its ack at 3.1.
+    ordered.publishes[-1].status = 204
+    assert [line.split(";")[0] for line in check(ordered).out_of_order] == [
+        's/"a": a1 (m-a1) claimed by 1.010 by c1 (attempt 1)',
+        's/"a": a3 (m-a3) claimed by 2.010 by c2 (attempt 1)',
+    ]
+    assert check(ordered).stats["ordered pairs"] == 4
+
+
+def test_checker_reports_two_messages_of_a_key_leased_at_once(ordered):
+    """a3's publish overlapped a1's, so either may go first, but not both at once."""
+    published(ordered, "a3", t=0.505, key="a")
+    delivered(ordered, "a3", "m-a3", "c2", t=1.5, key="a")  # a1 is still leased to c1
+    settled(ordered, "ack", "m-a1", "c1", t=2.0)
+    settled(ordered, "ack", "m-a3", "c2", t=2.1)
+    delivered(ordered, "a2", "m-a2", "c2", t=2.2, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=2.3)
+    report = check(ordered)
+    assert len(report.two_of_a_key) == 1, report.summary()
+    assert report.two_of_a_key[0].startswith(
+        's/"a": a1 (m-a1) to c1 (claimed by 1.010, leased until at least 2.000)'
+    )
+    assert report.out_of_order == [] and not report.ok
+
+
+def test_checker_accepts_a_message_of_a_key_leased_after_the_other_one_lapsed_or_was_settled(ordered):
+    published(ordered, "a3", t=0.505, key="a")
+    extended(ordered, "m-a1", "c1", seconds=1, t=1.1)  # c1 gives a1 up: its lease lapses from 2.05
+    delivered(ordered, "a3", "m-a3", "c2", t=2.1, key="a")
+    # c3's ack of a3 by message id (c3 held it once, say) acts on whichever delivery is current:
+    # c2's lease may end then.
+    settled(ordered, "ack", "m-a3", "c3", t=2.2)
+    delivered(ordered, "a1", "m-a1", "c3", t=2.205, attempts=2, key="a")
+    settled(ordered, "ack", "m-a1", "c3", t=2.3)
+    settled(ordered, "ack", "m-a3", "c2", t=2.4)  # late: its delivery was gone
+    delivered(ordered, "a2", "m-a2", "c2", t=2.5, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=2.6)
+    report = check(ordered)
+    assert report.ok, report.summary()
 
 
 def test_journal_of_a_killed_consumer_is_read_back_without_its_cut_line(tmp_path):
