@@ -21,6 +21,7 @@ from pubsub import db, messages
 from pubsub.subscriptions import create_subscription
 from tests.conftest import threaded_server
 from tests.history import (
+    KEY_FIELD,
     SLACK,
     Call,
     Client,
@@ -492,6 +493,48 @@ def published_values(history: History, topic: str, filter: dict | None) -> set[s
     }
 
 
+def abandoned_deliveries(history: History) -> list[Delivery]:
+    """The deliveries that their consumer extended to a second and let lapse (lapse_ratio): for
+    each message an extend named, the consumer's last claim of it before the extend."""
+    return [
+        max(
+            (
+                d
+                for d in history.deliveries
+                if d.consumer == extend.consumer and d.message_id == message_id and d.t1 <= extend.t0
+            ),
+            key=lambda d: d.t1,
+        )
+        for extend in history.extends
+        for message_id in extend.message_ids
+    ]
+
+
+def assert_retried_first(history: History, abandoned: list[Delivery]) -> None:
+    """Each delivery of an ordered subscription that its consumer abandoned (killed, or its lease
+    left to lapse) is the next claim of its key, one attempt later, unless its attempts were
+    used up (then it went to the DLQ and the next of its key may go)."""
+    for first in abandoned:
+        info = history.subscriptions[first.subscription]
+        key = first.payload[info.ordering_key]
+        after = sorted(
+            (
+                d
+                for d in history.deliveries
+                if d.subscription == first.subscription
+                and d.t0 > first.t1
+                and d.payload[info.ordering_key] == key
+            ),
+            key=lambda d: d.t0,
+        )
+        if first.attempts < info.max_attempts:
+            assert after, f"{first} never came back"
+            assert (after[0].message_id, after[0].attempts) == (first.message_id, first.attempts + 1), (
+                first,
+                after[0],
+            )
+
+
 # --- Scenario 1: concurrent consumers and producers --------------------------------------------
 
 
@@ -633,18 +676,22 @@ def start_consumer_process(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ordering_key", [None, KEY_FIELD], ids=["unordered", "ordered"])
 def test_consumers_killed_mid_batch_lose_nothing_their_messages_return_after_the_lock_timeout(
-    live_port, history, release, workers, processes, tmp_path
+    live_port, history, release, workers, processes, tmp_path, ordering_key
 ):
+    """Ordered, the orphans' keys wait for them: each comes back before the rest of its key."""
     admin = Client(history, "admin", live_port)
     admin.create_topic("orders")
-    admin.create_subscription("work", "orders")
+    admin.create_subscription("work", "orders", ordering_key=ordering_key)
     # The victims, c0 and c1, work on each batch for 0.25-0.75 s: a kill can land mid-batch.
     journals = {
         name: start_consumer_process(processes, tmp_path, live_port, name, work)
         for name, work in (("c0", 0.5), ("c1", 0.5), ("c2", 0.02), ("c3", 0.02))
     }
-    producers = start_producers(workers, history, live_port, ["orders"] * 2, batches=30, pause=0.05)
+    producers = start_producers(
+        workers, history, live_port, ["orders"] * 2, batches=30, pause=0.05, keys=30 if ordering_key else 0
+    )
     workers.start("cleanup-stuck", release_loop, history, release, LOCK_TIMEOUT, workers.stopped)
 
     for victim in ("c0", "c1"):
@@ -683,6 +730,10 @@ def test_consumers_killed_mid_batch_lose_nothing_their_messages_return_after_the
             # Not before the lock timeout: the dead consumer's lock held until cleanup-stuck.
             assert again[0].t1 >= orphan.t0 + LOCK_TIMEOUT - SLACK, (orphan, again[0])
             assert again[0].attempts == orphan.attempts + 1
+        if ordering_key:
+            assert_retried_first(history, held)
+    if ordering_key:
+        assert report.stats["ordered pairs"] > 0
 
 
 # --- Scenario 3: a poison message --------------------------------------------------------------
@@ -975,3 +1026,88 @@ def test_a_topic_deleted_while_a_subscription_is_being_created_leaves_no_orphan_
     assert statuses["create"] in (201, 404) and statuses["publish"] in (204, 404), statuses
     assert admin.request("GET", "/subscriptions/late").status == 404
     assert count_orphans(history_app) == {"subscription_messages": 0, "acked_messages": 0}, statuses
+
+
+# --- Scenario 7: ordering keys -----------------------------------------------------------------
+# With ordered subscriptions, check() also looks at each key's order (out_of_order, two_of_a_key);
+# consumers killed mid-batch on an ordered subscription are in scenario 2.
+
+
+@pytest.mark.slow
+def test_an_ordered_subscription_with_concurrent_consumers_and_producers_keeps_each_keys_order(
+    live_port, history, workers
+):
+    """4 producers share 20 keys (30 messages each); 8 consumers nack and dead-letter some."""
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    admin.create_subscription("ordered", "orders", ordering_key=KEY_FIELD)
+    producers = start_producers(workers, history, live_port, ["orders"] * 4, batches=15, pause=0.02, keys=20)
+    start_consumers(
+        workers,
+        history,
+        live_port,
+        ["ordered"] * 8,
+        batch_size=10,
+        nack_ratio=0.1,
+        dead_letter_ratio=0.05,
+        idle_sleep=0.02,
+    )
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, ["ordered"], seconds=30), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, ["ordered"])
+    history.record_dead("ordered", [m["payload"]["value"] for m in admin.dead_letters("ordered")])
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert report.stats["values published ok"] == 4 * 15 * 10
+    assert delivered_values(history, "ordered") == published_values(history, "orders", None)
+    # The keys were shared out, many pairs had a known order, and the retry and DLQ paths ran.
+    assert len({d.consumer for d in history.deliveries if not d.consumer.startswith("drain-")}) == 8
+    assert report.stats["ordered pairs"] > 1000
+    assert (
+        report.stats["nacks"] > 0 and report.stats["redeliveries"] > 0 and report.stats["dead-lettered"] > 0
+    )
+
+
+@pytest.mark.slow
+def test_lapsed_leases_on_an_ordered_subscription_are_retried_before_the_rest_of_their_key(
+    live_port, history, workers
+):
+    """Consumers give up 30 % of their messages: they shorten the lease to a second and never
+    settle. Each comes back before the rest of its key, until a third attempt lapses and
+    sends it to the DLQ (in the consume that claims the next of its key)."""
+    attempts = 3
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    admin.create_subscription("ordered", "orders", ordering_key=KEY_FIELD, max_delivery_attempts=attempts)
+    producers = start_producers(workers, history, live_port, ["orders"] * 2, batches=10, pause=0.05, keys=20)
+    start_consumers(
+        workers,
+        history,
+        live_port,
+        ["ordered"] * 4,
+        batch_size=10,
+        nack_ratio=0.1,
+        lapse_ratio=0.3,
+        idle_sleep=0.02,
+    )
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, ["ordered"], seconds=30), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, ["ordered"])
+    dead = admin.dead_letters("ordered")
+    history.record_dead("ordered", [m["payload"]["value"] for m in dead])
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert delivered_values(history, "ordered") == published_values(history, "orders", None)
+    abandoned = abandoned_deliveries(history)
+    assert abandoned and report.stats["lease extensions"] == len(abandoned)
+    assert_retried_first(history, abandoned)
+    # Only lapses of last attempts dead-lettered (nacks stop below it): those went to the DLQ.
+    assert {m["id"] for m in dead} == {d.message_id for d in abandoned if d.attempts == attempts} != set()
+    metrics = admin.metrics("ordered")
+    assert metrics["acked"] + metrics["dlq"] == 2 * 10 * 10 and metrics["dlq"] == len(dead)
