@@ -802,6 +802,7 @@ def test_a_poison_message_that_crashes_every_consumer_ends_in_the_dlq_while_the_
         "delayed": 0,
         "delivered": 0,
         "acked": 2 * 15 * 10,
+        "waiting": 0,
         "dlq": 1,
     }
     assert admin.metrics("work") == metrics
