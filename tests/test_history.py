@@ -1,6 +1,7 @@
 """No acknowledged publish is ever lost: history-checked workloads (tests/history.py) under
 concurrency, consumer crashes, killed gunicorn workers and deletions, and the checker itself
-shown to catch each anomaly on synthetic histories.
+shown to catch each anomaly on synthetic histories. On ordered subscriptions (ordering keys),
+the checker also finds messages of a key delivered out of publish order or two at once.
 
 Every scenario is bounded in time and count, talks to 127.0.0.1 only, and stops every thread,
 process and server it started, even when it fails.
