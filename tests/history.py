@@ -6,8 +6,12 @@ check the history for anomalies.
   filters can select on (``country``, ``premium``), and record each publish's outcome: ok (2xx),
   refused (4xx) or unknown (no response, or a 5xx: it may or may not have committed). Some
   batches may be published with a delay (``?delay_seconds=N``), recorded with the publish.
+  Payloads may carry an ordering key (``customer``: one of a few values) for ordered
+  subscriptions.
 - Consumers claim batches, record every delivery (message id, value, attempts, the time interval
-  of the claim), then ack or nack each message at random and record those calls too.
+  of the claim), then ack or nack each message at random and record those calls too. A consumer
+  may also abandon some messages after shortening their lease to a second (``extend``), so that
+  leases lapse and the messages are claimed again.
 - A drain acks everything left until several empty polls and the subscription's metrics show
   nothing available or locked.
 - ``check(history)`` reports each anomaly class as a list of readable examples.
@@ -32,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 COUNTRIES = ("BR", "US", "DE", "JP", "IN")
+KEY_FIELD = "customer"  # the payload field that the Producer's `keys` option fills
 REQUEST_TIMEOUT = 10.0  # seconds; a request slower than this counts as unknown
 IDLE_RECONNECT = 1.5  # seconds; gunicorn closes keep-alive connections idle for 2 s
 # Seconds by which the checker widens what the server may legitimately have done: PostgreSQL's
@@ -118,6 +123,24 @@ class Settle:
 
 
 @dataclass
+class Extend:
+    """An extend call: the leases of the named deliveries end `seconds` after the server's now()
+    (None: the subscription's ack deadline), earlier or later than they would have."""
+
+    subscription: str
+    consumer: str
+    message_ids: list[str]
+    seconds: float | None
+    status: int | None
+    t0: float
+    t1: float
+
+    @property
+    def outcome(self) -> str:
+        return outcome_of(self.status)
+
+
+@dataclass
 class Release:
     """A cleanup-stuck run: releases locks taken more than lock_timeout seconds before it ran."""
 
@@ -135,9 +158,19 @@ class SubscriptionInfo:
     filter: dict | None
     created: float  # when its creation was answered: publishes after that must reach it
     deleted: float | None = None  # when its deletion (or its topic's) was requested
+    ordering_key: str | None = None  # the payload field whose values order its messages
+    ack_deadline: float | None = None  # seconds a delivery's lease lasts (None: not known)
+    max_attempts: int | None = None  # deliveries before a nack or a lapse dead-letters (None: not known)
 
 
-EVENT_TYPES = {"call": Call, "publish": Publish, "deliveries": Delivery, "settle": Settle, "release": Release}
+EVENT_TYPES = {
+    "call": Call,
+    "publish": Publish,
+    "deliveries": Delivery,
+    "settle": Settle,
+    "release": Release,
+    "extend": Extend,
+}
 
 
 class History:
@@ -151,6 +184,7 @@ class History:
         self.deliveries: list[Delivery] = []
         self.settles: list[Settle] = []
         self.releases: list[Release] = []
+        self.extends: list[Extend] = []
         self.subscriptions: dict[str, SubscriptionInfo] = {}
         self.dead: dict[str, set[str]] = defaultdict(set)  # subscription -> values in its DLQ
         self.final_metrics: dict[str, dict] = {}
@@ -171,6 +205,7 @@ class History:
             "deliveries": self.deliveries,
             "settle": self.settles,
             "release": self.releases,
+            "extend": self.extends,
         }
 
     def _record(self, kind: str, events: list) -> None:
@@ -195,11 +230,17 @@ class History:
     def record_release(self, release: Release) -> None:
         self._record("release", [release])
 
+    def record_extend(self, extend: Extend) -> None:
+        self._record("extend", [extend])
+
     def record_subscription(
-        self, subscription_id: str, topic: str, filter: dict | None, created: float
+        self, subscription_id: str, topic: str, filter: dict | None, created: float, **settings
     ) -> None:
+        """`settings`: SubscriptionInfo's ordering_key, ack_deadline and max_attempts."""
         with self.lock:
-            self.subscriptions[subscription_id] = SubscriptionInfo(subscription_id, topic, filter, created)
+            self.subscriptions[subscription_id] = SubscriptionInfo(
+                subscription_id, topic, filter, created, **settings
+            )
 
     def record_deleted_subscription(self, subscription_id: str, at: float) -> None:
         with self.lock:
@@ -326,14 +367,30 @@ class Client:
         assert response.status == 201, (response.status, response.body)
 
     def create_subscription(
-        self, subscription_id: str, topic: str, filter: dict | None = None, **fields
+        self,
+        subscription_id: str,
+        topic: str,
+        filter: dict | None = None,
+        ordering_key: str | None = None,
+        **fields,
     ) -> None:
-        """Create it (fast retries for the workload: backoff_min_seconds=1) and record it."""
+        """Create it (fast retries for the workload: backoff_min_seconds=1) and record it, with
+        the ordering key, ack deadline and attempts that the server answered."""
         settings = {"max_delivery_attempts": 50, "backoff_min_seconds": 1, "backoff_max_seconds": 2, **fields}
+        if ordering_key is not None:  # not sent otherwise: a fastpubsub body
+            settings["ordering_key"] = ordering_key
         body = {"id": subscription_id, "topic_id": topic, "filter": filter, **settings}
         response = self.request("POST", "/subscriptions", body)
         assert response.status == 201, (response.status, response.body)
-        self.history.record_subscription(subscription_id, topic, filter, response.t1)
+        self.history.record_subscription(
+            subscription_id,
+            topic,
+            filter,
+            response.t1,
+            ordering_key=response.body.get("ordering_key"),
+            ack_deadline=response.body.get("ack_deadline_seconds"),
+            max_attempts=response.body.get("max_delivery_attempts"),
+        )
 
     def metrics(self, subscription_id: str) -> dict | None:
         response = self.request("GET", f"/subscriptions/{quote(subscription_id)}/metrics")
@@ -352,7 +409,9 @@ class Client:
 
 
 class Producer:
-    """Publishes `batches` batches of `batch_size` payloads with unique values to a topic."""
+    """Publishes `batches` batches of `batch_size` payloads with unique values to a topic. With
+    `keys`, each payload's KEY_FIELD is one of `keys` values (k0, k1, ...), drawn at random: few
+    enough that each key has several messages, and producers sharing a key publish concurrently."""
 
     def __init__(
         self,
@@ -367,8 +426,10 @@ class Producer:
         pause: float = 0.0,
         delay_ratio: float = 0.0,
         max_delay_seconds: int = 2,
+        keys: int = 0,
     ):
         self.history, self.name, self.topic = history, name, topic
+        self.keys = keys
         self.batches, self.batch_size, self.pause = batches, batch_size, pause
         self.delay_ratio, self.max_delay_seconds = delay_ratio, max_delay_seconds
         self.client = Client(history, name, port)
@@ -377,12 +438,15 @@ class Producer:
 
     def payload(self) -> dict:
         self.sequence += 1
-        return {
+        payload = {
             "value": f"{self.name}-{self.sequence:06d}",
             "n": self.sequence,
             "country": self.rng.choice(COUNTRIES),
             "premium": self.rng.random() < 0.5,
         }
+        if self.keys:  # drawn only then, so that other scenarios see the same draws
+            payload[KEY_FIELD] = f"k{self.rng.randrange(self.keys)}"
+        return payload
 
     def publish_batch(self, size: int | None = None, **extra) -> Publish:
         payloads = [{**self.payload(), **extra} for _ in range(size or self.batch_size)]
@@ -425,7 +489,9 @@ class Consumer:
     It nacks only messages delivered fewer than `nack_below_attempts` times, so that retries end
     (each waits the subscription's backoff). `work_seconds` is how long it "processes" a batch
     before settling it; `crashes_on(payload)` makes it die (raise ConsumerCrashed) holding a batch
-    that contains such a payload."""
+    that contains such a payload. It abandons a `lapse_ratio` of its messages: it shortens their
+    leases to a second (extend?seconds=1) as soon as they come, and never settles them, so that
+    their leases lapse and the next consume claims them again."""
 
     def __init__(
         self,
@@ -443,10 +509,11 @@ class Consumer:
         idle_sleep: float = 0.1,
         dead_letter_ratio: float = 0.0,
         wait_seconds: int = 0,
+        lapse_ratio: float = 0.0,
     ):
         self.history, self.name, self.subscription = history, name, subscription
         self.wait_seconds = wait_seconds  # a long poll: each claim waits up to this for a message
-        self.dead_letter_ratio = dead_letter_ratio
+        self.dead_letter_ratio, self.lapse_ratio = dead_letter_ratio, lapse_ratio
         self.batch_size, self.nack_ratio, self.work_seconds = batch_size, nack_ratio, work_seconds
         self.nack_below_attempts = nack_below_attempts
         self.crashes_on, self.idle_sleep = crashes_on, idle_sleep
@@ -480,6 +547,11 @@ class Consumer:
         if not batch:
             return 0
         self.history.record_deliveries(batch)
+        if self.lapse_ratio:  # drawn only then, so that other scenarios see the same draws
+            abandoned = {d.message_id for d in batch if self.rng.random() < self.lapse_ratio}
+            if abandoned:
+                self.extend(sorted(abandoned), seconds=1)
+                batch = [d for d in batch if d.message_id not in abandoned]
         if self.work_seconds:
             time.sleep(self.work_seconds * self.rng.uniform(0.5, 1.5))
         if self.crashes_on and any(self.crashes_on(d.payload) for d in batch):
@@ -510,6 +582,13 @@ class Consumer:
         settle = Settle(kind, self.subscription, self.name, ids, response.status, response.t0, response.t1)
         self.history.record_settle(settle)
         return settle
+
+    def extend(self, ids: list[str], seconds: float | None = None) -> Extend:
+        query = f"?seconds={seconds:g}" if seconds is not None else ""
+        response = self.client.request("POST", f"{self.path}/extend{query}", ids)
+        extend = Extend(self.subscription, self.name, ids, seconds, response.status, response.t0, response.t1)
+        self.history.record_extend(extend)
+        return extend
 
     def run(self, stop: Stop) -> None:
         try:
@@ -603,9 +682,10 @@ def drain(
 
 
 def is_drained(metrics: dict | None) -> bool:
-    """Whether a subscription's metrics show nothing available, delayed or locked."""
+    """Whether a subscription's metrics show nothing available, delayed, locked or waiting
+    behind its ordering key."""
     return metrics is not None and not (
-        metrics["available"] or metrics.get("delayed") or metrics["delivered"]
+        metrics["available"] or metrics.get("delayed") or metrics["delivered"] or metrics.get("waiting")
     )
 
 
@@ -721,6 +801,8 @@ ANOMALIES = (
     "redelivered_after_ack",
     "not_drained",
     "early",
+    "out_of_order",
+    "two_of_a_key",
 )
 
 
@@ -736,6 +818,8 @@ class Report:
     redelivered_after_ack: list[str] = field(default_factory=list)  # claimed after an ack surely deleted it
     not_drained: list[str] = field(default_factory=list)  # messages left available or locked at the end
     early: list[str] = field(default_factory=list)  # claimed before its publish's delay was surely over
+    out_of_order: list[str] = field(default_factory=list)  # claimed before an earlier one of its key left
+    two_of_a_key: list[str] = field(default_factory=list)  # two messages of a key surely leased at once
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -758,11 +842,13 @@ def check(history: History) -> Report:
     """Find the anomalies of a finished history (after its drain).
 
     A delivery's lock is held from its claim (somewhere in the consume call [t0, t1]) until its
-    consumer acks or nacks it, or a cleanup-stuck run releases it. Its *horizon* is the earliest
-    instant the lock may have ended: the start of the consumer's first ack/nack call naming the
-    message, or of the first cleanup run that may have found the lock older than its timeout
-    (that is lock expiry, legitimately followed by a redelivery). The checker only reports what
-    the recorded intervals prove:
+    consumer acks or nacks it, its lease lapses, or a cleanup-stuck run releases it. Its
+    *horizon* is the earliest instant the lock may have ended: the start of the consumer's first
+    ack/nack call naming the message, its *expiry*: the earliest instant its lease may have
+    lapsed (the subscription's ack deadline after t0, or an extend's seconds after the extend
+    call's t0, for an extend that may have acted after the claim) or the first cleanup run may
+    have found the lock older than its timeout (both legitimately followed by a redelivery). The
+    checker only reports what the recorded intervals prove:
 
     - locked_twice: two deliveries of one message, each surely claimed (after its t1) before the
       other's horizon;
@@ -784,6 +870,12 @@ def check(history: History) -> Report:
       (a repeat of a keyed publish must answer the first one's ids);
     - early: a delivery of a delayed publish's value, surely claimed (by its t1) before the delay
       was over (the server's now() at the publish was at t0 at the earliest).
+
+    In a subscription recorded with an ordering key (see check_ordering):
+
+    - out_of_order: a message claimed before one published before it, with the same key, may
+      have left the queue (acked or dead-lettered);
+    - two_of_a_key: two messages of one key surely leased at the same instant.
     """
     report = Report()
     by_value: dict[str, tuple[Publish, dict]] = {}
@@ -793,12 +885,32 @@ def check(history: History) -> Report:
 
     releases = sorted(history.releases, key=lambda r: r.t0)
 
+    extends: dict[tuple[str, str], list[Extend]] = defaultdict(list)
+    for extend in history.extends:
+        if extend.outcome != "refused":
+            for message_id in extend.message_ids:
+                extends[extend.subscription, message_id].append(extend)
+
+    def lapse(delivery: Delivery) -> float:
+        """The earliest instant this delivery's lease may have lapsed: the ack deadline after its
+        claim, or an extend's seconds after the extend, if that may have acted after the claim
+        (one cut short may have acted at any time later)."""
+        info = history.subscriptions.get(delivery.subscription)
+        deadline = info.ack_deadline if info is not None else None
+        ends = [delivery.t0 + deadline] if deadline else []
+        for extend in extends[delivery.subscription, delivery.message_id]:
+            seconds = extend.seconds if extend.seconds is not None else deadline
+            if seconds is not None and (extend.t1 if extend.outcome == "ok" else float("inf")) > delivery.t0:
+                ends.append(extend.t0 + seconds)
+        return min(ends, default=float("inf")) - SLACK
+
     def expiry(delivery: Delivery) -> float:
-        """The earliest instant a cleanup run may have released this delivery's lock."""
+        """The earliest instant this delivery's lock may have ended without a settle: its lease
+        lapsed, or a cleanup run released it."""
         for release in releases:
             if release.t1 + SLACK - delivery.t0 > release.lock_timeout:
-                return max(release.t0, delivery.t0 + release.lock_timeout) - SLACK
-        return float("inf")
+                return min(lapse(delivery), max(release.t0, delivery.t0 + release.lock_timeout) - SLACK)
+        return lapse(delivery)
 
     # The settle calls of each consumer for each message, in time order.
     settles: dict[tuple[str, str, str], list[Settle]] = defaultdict(list)
@@ -885,6 +997,7 @@ def check(history: History) -> Report:
     for (subscription, value), message_ids in ids_by_value.items():
         if len(message_ids) > 1:
             report.duplicated.append(f"{subscription}/{value}: delivered as {sorted(message_ids)}")
+    ordered_pairs = check_ordering(history, report, expiry)
 
     maybe_acked: set[tuple[str, str]] = {
         (s.subscription, message_id)
@@ -933,8 +1046,174 @@ def check(history: History) -> Report:
         "dead-lettered": sum(len(s.message_ids) for s in history.settles if s.kind == "dead_letter"),
         "cleanup runs": len(history.releases),
         "failed calls": len(history.failed_calls()),
+        "lease extensions": sum(len(e.message_ids) for e in history.extends),
+        "ordered pairs": ordered_pairs,
     }
     return report
+
+
+def ordering_key_of(payload: object, field_name: str) -> str | None:
+    """A payload's ordering key as JSON text (1 and "1" differ), None without one (or null)."""
+    if not isinstance(payload, dict) or payload.get(field_name) is None:
+        return None
+    return json.dumps(payload[field_name], sort_keys=True)
+
+
+def check_ordering(history: History, report: Report, expiry: Callable[[Delivery], float]) -> int:
+    """The per-key order of the subscriptions recorded with an ordering key; returns how many
+    pairs of messages of one key it found in a known order.
+
+    A message of an ordered subscription S has a *key* when its payload's ordering-key field is
+    there and not null (compared as JSON text: 1 and "1" differ, as in the service); it is in S
+    when its publish was not refused, matched S's filter and started after S was created, or
+    when S delivered it. m1 *comes before* m2 (same key) when their order is certain: the same
+    publish call with m1 first in its body, or m1's publish answered 2xx (so it had committed)
+    before m2's publish started. (A publish cut short may commit any time later.)
+
+    m1 *may have left* S's queue (acked or dead-lettered, which makes the next of its key
+    claimable) from the earliest of:
+
+    - the start of any ack or dead-letter nack call naming it, by any consumer and whatever
+      its answer but a 4xx (a message id acts on whichever delivery is current; an ack cut
+      short may have acted);
+    - the start of any plain nack naming it that may have acted after the claim of a delivery
+      that used up S's attempts (that nack dead-letters it);
+    - the expiry of a delivery that had used up the attempts (the consume or cleanup run after
+      the lapse dead-letters it, and may claim the next one in the same statement);
+    - if it is in S's DLQ at the end (History.record_dead): also the start of any consume call
+      on S that got no answer. Such a call may have delivered it unseen, using up its attempts
+      whose lapse then dead-lettered it; no other dead-lettering escapes the history;
+    - S's deletion.
+
+    Attempts unknown (None) count as used up. The anomalies:
+
+    - out_of_order: m2 surely claimed (by its delivery's t1) before every instant m1, which
+      comes before it, may have left the queue. A nacked or lapsed m1 stays in the queue, so m2
+      must wait for it, and a redriven m1 has left once already: only the first leaving counts.
+    - two_of_a_key: deliveries of two messages of one key, both surely claimed (by the later
+      t1) before either may have ended: the lease of a delivery may end at its expiry or at the
+      start of any settle call naming its message that may have acted after its claim (by any
+      consumer: a message id acts on whichever delivery is current).
+    """
+    pairs = 0
+    settles_of: dict[tuple[str, str], list[Settle]] = defaultdict(list)
+    for settle in history.settles:
+        if settle.outcome != "refused":
+            for message_id in settle.message_ids:
+                settles_of[settle.subscription, message_id].append(settle)
+
+    for info in history.subscriptions.values():
+        if info.ordering_key:
+            pairs += check_subscription_order(history, info, report, expiry, settles_of)
+    return pairs
+
+
+def check_subscription_order(
+    history: History,
+    info: SubscriptionInfo,
+    report: Report,
+    expiry: Callable[[Delivery], float],
+    settles_of: dict[tuple[str, str], list[Settle]],
+) -> int:
+    """check_ordering for one ordered subscription; returns its pairs in a known order."""
+    inf = float("inf")
+    pairs = 0
+    deliveries: dict[str | None, list[Delivery]] = defaultdict(list)
+    for delivery in history.deliveries:
+        if delivery.subscription == info.id:
+            deliveries[delivery.value].append(delivery)
+    consume_path = f"/subscriptions/{quote(info.id)}/messages"
+    unanswered_claims = [
+        c.t0 for c in history.calls if c.path == consume_path and outcome_of(c.status) == "unknown"
+    ]
+
+    def used_up(delivery: Delivery) -> bool:
+        return info.max_attempts is None or delivery.attempts >= info.max_attempts
+
+    def left_from(value: str) -> float:
+        """The earliest instant the message may have left the queue."""
+        own = deliveries.get(value, [])
+        # Plain nacks dead-letter once attempts are used up: those that may have acted after such
+        # a claim.
+        exhausted = min((d.t0 for d in own if used_up(d)), default=inf)
+        ends = [
+            s.t0
+            for message_id in {d.message_id for d in own}
+            for s in settles_of[info.id, message_id]
+            if s.kind != "nack" or (s.t1 if s.outcome == "ok" else inf) > exhausted
+        ]
+        ends += [expiry(d) for d in own if used_up(d)]
+        if value in history.dead.get(info.id, ()):
+            ends += unanswered_claims
+        if info.deleted is not None:
+            ends.append(info.deleted)
+        return min(ends, default=inf)
+
+    # The messages of each key, in the order of their publish calls' starts.
+    keyed: dict[str, list[tuple[Publish, int, str]]] = defaultdict(list)
+    for publish in sorted(history.publishes, key=lambda p: p.t0):
+        if publish.outcome == "refused" or publish.topic != info.topic:
+            continue
+        for index, (value, payload) in enumerate(zip(publish.values, publish.payloads, strict=True)):
+            key = ordering_key_of(payload, info.ordering_key)
+            if (
+                key is not None
+                and matches(info.filter, payload)
+                and (publish.t0 >= info.created or value in deliveries)
+            ):
+                keyed[key].append((publish, index, value))
+
+    for key, members in keyed.items():
+        left = {value: left_from(value) for _, _, value in members}
+        for publish, index, value in members:
+            before = [
+                earlier
+                for other, i, earlier in members
+                if (other is publish and i < index)
+                or (other is not publish and other.outcome == "ok" and other.t1 < publish.t0)
+            ]
+            pairs += len(before)
+            if not before:
+                continue
+            blocker = max(before, key=left.__getitem__)  # the last to leave
+            for delivery in deliveries.get(value, []):
+                if delivery.t1 < left[blocker]:
+                    report.out_of_order.append(
+                        f"{info.id}/{key}: {value} ({delivery.message_id}) claimed by {delivery.t1:.3f} "
+                        f"by {delivery.consumer} (attempt {delivery.attempts}); {blocker}, published "
+                        f"before it, could not have left the queue before {left[blocker]:.3f}"
+                    )
+
+    def lease_end(delivery: Delivery) -> float:
+        """The earliest instant this delivery's lease may have ended."""
+        ends = [expiry(delivery)]
+        for settle in settles_of[info.id, delivery.message_id]:
+            if (settle.t1 if settle.outcome == "ok" else inf) > delivery.t0:
+                ends.append(settle.t0)
+        if info.deleted is not None:
+            ends.append(info.deleted)
+        return min(ends)
+
+    by_key: dict[str, list[Delivery]] = defaultdict(list)
+    for value_deliveries in deliveries.values():
+        for delivery in value_deliveries:
+            key = ordering_key_of(delivery.payload, info.ordering_key)
+            if key is not None:
+                by_key[key].append(delivery)
+    for key, key_deliveries in by_key.items():
+        held: list[tuple[Delivery, float]] = []  # claimed earlier, lease maybe still on
+        for second in sorted(key_deliveries, key=lambda d: d.t1):
+            second_end = lease_end(second)
+            for first, first_end in held:
+                if first.message_id != second.message_id and second.t1 < min(first_end, second_end):
+                    report.two_of_a_key.append(
+                        f"{info.id}/{key}: {first.value} ({first.message_id}) to {first.consumer} "
+                        f"(claimed by {first.t1:.3f}, leased until at least {first_end:.3f}) and "
+                        f"{second.value} ({second.message_id}) to {second.consumer} (claimed by "
+                        f"{second.t1:.3f}, leased until at least {second_end:.3f})"
+                    )
+            held = [(d, end) for d, end in held if end > second.t1] + [(second, second_end)]
+    return pairs
 
 
 def unexpected_reason(

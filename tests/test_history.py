@@ -1,6 +1,7 @@
 """No acknowledged publish is ever lost: history-checked workloads (tests/history.py) under
 concurrency, consumer crashes, killed gunicorn workers and deletions, and the checker itself
-shown to catch each anomaly on synthetic histories.
+shown to catch each anomaly on synthetic histories. On ordered subscriptions (ordering keys),
+the checker also finds messages of a key delivered out of publish order or two at once.
 
 Every scenario is bounded in time and count, talks to 127.0.0.1 only, and stops every thread,
 process and server it started, even when it fails.
@@ -21,11 +22,14 @@ from pubsub import db, messages
 from pubsub.subscriptions import create_subscription
 from tests.conftest import serve_settings, threaded_server
 from tests.history import (
+    KEY_FIELD,
     SLACK,
+    Call,
     Client,
     Consumer,
     ConsumerCrashed,
     Delivery,
+    Extend,
     History,
     Producer,
     Publish,
@@ -63,13 +67,33 @@ FILTERS = {
 # --- The checker, on synthetic histories -------------------------------------------------------
 
 
-def published(history: History, *values: str, status: int | None = 204, t: float = 0.0, topic: str = "t"):
-    payloads = [{"value": v, "country": "BR"} for v in values]
+def payload_of(value: str, key: str | None) -> dict:
+    """A synthetic payload; with a key, its "customer" field (the ordered subscriptions' key)."""
+    return {"value": value, "country": "BR"} | ({} if key is None else {"customer": key})
+
+
+def published(
+    history: History,
+    *values: str,
+    status: int | None = 204,
+    t: float = 0.0,
+    topic: str = "t",
+    key: str | None = None,
+):
+    payloads = [payload_of(v, key) for v in values]
     history.record_publish(Publish("p", topic, list(values), payloads, status, t, t + 0.01))
 
 
-def delivered(history: History, value: str, message_id: str, consumer: str, t: float, attempts: int = 1):
-    payload = {"value": value, "country": "BR"}
+def delivered(
+    history: History,
+    value: str,
+    message_id: str,
+    consumer: str,
+    t: float,
+    attempts: int = 1,
+    key: str | None = None,
+):
+    payload = payload_of(value, key)
     history.record_deliveries([Delivery("s", consumer, message_id, value, payload, attempts, t, t + 0.01)])
 
 
@@ -79,6 +103,10 @@ def settled(history: History, kind: str, message_id: str, consumer: str, t: floa
 
 def cleanup_ran(history: History, lock_timeout: float, t: float) -> None:
     history.record_release(Release(lock_timeout, t, t + 0.01, 1, 0))
+
+
+def extended(history: History, message_id: str, consumer: str, seconds: float, t: float) -> None:
+    history.record_extend(Extend("s", consumer, [message_id], seconds, 204, t, t + 0.01))
 
 
 @pytest.fixture
@@ -223,6 +251,153 @@ def test_checker_reports_delayed_messages_left_behind_by_the_drain(synthetic):
     assert len(check(synthetic).not_drained) == 1
 
 
+def test_checker_reports_a_redelivery_before_the_lease_lapsed_and_accepts_one_after(synthetic):
+    synthetic.subscriptions["s"].ack_deadline = 10
+    published(synthetic, "c", "d", t=0.6)
+    delivered(synthetic, "c", "m-c", "c1", t=3.0)  # c1 dies holding it: its lease lapses at 13.0
+    delivered(synthetic, "c", "m-c", "c2", t=13.1, attempts=2)
+    settled(synthetic, "ack", "m-c", "c2", t=13.2)
+    delivered(synthetic, "d", "m-d", "c1", t=3.0)
+    extended(synthetic, "m-d", "c1", seconds=1, t=3.05)  # ... and this one's at 4.05
+    delivered(synthetic, "d", "m-d", "c2", t=4.1, attempts=2)
+    settled(synthetic, "ack", "m-d", "c2", t=4.2)
+    assert check(synthetic).ok, check(synthetic).summary()
+    assert check(synthetic).stats["lease extensions"] == 1
+    delivered(synthetic, "c", "m-c", "c3", t=12.0, attempts=2)  # 1 s before c1's lease lapsed
+    settled(synthetic, "nack", "m-c", "c3", t=12.5)
+    report = check(synthetic)
+    assert len(report.locked_twice) == 1 and "to c1" in report.locked_twice[0], report.summary()
+
+
+@pytest.fixture
+def ordered() -> History:
+    """A subscription s of topic t ordered by "customer" (ack deadline 10 s, 3 attempts), created
+    at time 0; a1 and a2 of key a published in that order in one call at 0.5, b1 of key b
+    with them: b1 acked at once, and a1 delivered at 1.0 (claimed by 1.01)."""
+    history = History()
+    history.record_subscription("s", "t", None, 0.0, ordering_key="customer", ack_deadline=10, max_attempts=3)
+    history.record_publish(
+        Publish(
+            "p", "t", ["a1", "a2", "b1"], [payload_of(v, v[0]) for v in ("a1", "a2", "b1")], 204, 0.5, 0.51
+        )
+    )
+    delivered(history, "b1", "m-b1", "c2", t=1.0, key="b")
+    settled(history, "ack", "m-b1", "c2", t=1.1)
+    delivered(history, "a1", "m-a1", "c1", t=1.0, key="a")
+    return history
+
+
+def test_checker_accepts_a_key_delivered_in_order_one_at_a_time(ordered):
+    settled(ordered, "ack", "m-a1", "c1", t=1.1)  # answered at 1.11
+    # Claimed while the ack was under way: it began before this claim ended, so it may have
+    # deleted a1 first.
+    delivered(ordered, "a2", "m-a2", "c2", t=1.105, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=1.2)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    assert report.stats["ordered pairs"] == 1
+
+
+def test_checker_reports_a_message_claimed_while_the_one_before_it_waits_for_its_retry(ordered):
+    settled(ordered, "nack", "m-a1", "c1", t=1.1)  # a1 is back in the queue, in its backoff
+    delivered(ordered, "a2", "m-a2", "c2", t=1.5, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=1.6)
+    delivered(ordered, "a1", "m-a1", "c1", t=2.5, attempts=2, key="a")
+    settled(ordered, "ack", "m-a1", "c1", t=2.6)
+    report = check(ordered)
+    assert len(report.out_of_order) == 1, report.summary()
+    assert report.out_of_order[0].startswith('s/"a": a2 (m-a2) claimed by 1.510 by c2 (attempt 1); a1')
+    assert report.two_of_a_key == [] and not report.ok  # a1's lease ended with its nack
+
+
+@pytest.mark.parametrize(
+    ("leaves", "left"),
+    [
+        ("dead-letter nack", 1.1),
+        ("nack out of attempts", 1.3),
+        ("lease lapsed out of attempts", 1.2 + 10 - SLACK),
+        ("unseen, in the DLQ at the end", 1.2),
+    ],
+)
+def test_checker_accepts_the_next_message_once_the_one_before_it_was_dead_lettered(ordered, leaves, left):
+    """a1 leaves for the DLQ at `left` at the earliest (as far as the history can tell), and a2
+    is claimed after that; claimed just before, it is out of order."""
+    if leaves == "dead-letter nack":
+        settled(ordered, "dead_letter", "m-a1", "c1", t=1.1)
+    else:
+        settled(ordered, "nack", "m-a1", "c1", t=1.1)  # not out of attempts: a1 stays
+    if leaves in ("nack out of attempts", "lease lapsed out of attempts"):
+        delivered(ordered, "a1", "m-a1", "c3", t=1.2, attempts=3, key="a")
+    if leaves == "nack out of attempts":
+        settled(ordered, "nack", "m-a1", "c3", t=1.3)
+    if leaves == "unseen, in the DLQ at the end":
+        # A consume call cut short may have delivered a1's last attempts, whose lease lapsed.
+        ordered.record_call(Call("c3", "GET", "/subscriptions/s/messages", None, 1.2, 11.2, "timeout"))
+    ordered.record_dead("s", ["a1"])
+    delivered(ordered, "a2", "m-a2", "c2", t=left + 0.01, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=left + 0.1)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    ordered.deliveries[-1] = Delivery(
+        "s", "c2", "m-a2", "a2", payload_of("a2", "a"), 1, left - 0.02, left - 0.01
+    )
+    report = check(ordered)
+    assert len(report.out_of_order) == 1 and "m-a2" in report.out_of_order[0], report.summary()
+
+
+def test_checker_orders_only_what_was_published_in_a_known_order(ordered):
+    """Publishes that overlapped in time, or one cut short (it may have committed later), give no
+    order: a3 and a4 may be delivered before a2, after a1's ack."""
+    settled(ordered, "ack", "m-a1", "c1", t=1.1)
+    published(ordered, "a3", t=0.505, key="a")  # [0.505, 0.515]: overlaps a1 and a2's publish
+    published(ordered, "a4", t=0.3, status=None, key="a")  # ended before it, with no answer
+    for i, value in enumerate(("a3", "a4", "a2")):
+        delivered(ordered, value, f"m-{value}", "c2", t=2.0 + i, key="a")
+        settled(ordered, "ack", f"m-{value}", "c2", t=2.1 + i)
+    report = check(ordered)
+    assert report.ok, report.summary()
+    assert report.stats["ordered pairs"] == 1  # a1 before a2 only
+    # With an answer, a4's publish comes before the others: a1 and a3 came before its ack at 3.1.
+    ordered.publishes[-1].status = 204
+    assert [line.split(";")[0] for line in check(ordered).out_of_order] == [
+        's/"a": a1 (m-a1) claimed by 1.010 by c1 (attempt 1)',
+        's/"a": a3 (m-a3) claimed by 2.010 by c2 (attempt 1)',
+    ]
+    assert check(ordered).stats["ordered pairs"] == 4
+
+
+def test_checker_reports_two_messages_of_a_key_leased_at_once(ordered):
+    """a3's publish overlapped a1's, so either may go first, but not both at once."""
+    published(ordered, "a3", t=0.505, key="a")
+    delivered(ordered, "a3", "m-a3", "c2", t=1.5, key="a")  # a1 is still leased to c1
+    settled(ordered, "ack", "m-a1", "c1", t=2.0)
+    settled(ordered, "ack", "m-a3", "c2", t=2.1)
+    delivered(ordered, "a2", "m-a2", "c2", t=2.2, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=2.3)
+    report = check(ordered)
+    assert len(report.two_of_a_key) == 1, report.summary()
+    assert report.two_of_a_key[0].startswith(
+        's/"a": a1 (m-a1) to c1 (claimed by 1.010, leased until at least 2.000)'
+    )
+    assert report.out_of_order == [] and not report.ok
+
+
+def test_checker_accepts_a_message_of_a_key_leased_after_the_other_one_lapsed_or_was_settled(ordered):
+    published(ordered, "a3", t=0.505, key="a")
+    extended(ordered, "m-a1", "c1", seconds=1, t=1.1)  # c1 gives a1 up: its lease lapses from 2.05
+    delivered(ordered, "a3", "m-a3", "c2", t=2.1, key="a")
+    # c3's ack of a3 by message id (c3 held it once, say) acts on whichever delivery is current:
+    # c2's lease may end then.
+    settled(ordered, "ack", "m-a3", "c3", t=2.2)
+    delivered(ordered, "a1", "m-a1", "c3", t=2.205, attempts=2, key="a")
+    settled(ordered, "ack", "m-a1", "c3", t=2.3)
+    settled(ordered, "ack", "m-a3", "c2", t=2.4)  # late: its delivery was gone
+    delivered(ordered, "a2", "m-a2", "c2", t=2.5, key="a")
+    settled(ordered, "ack", "m-a2", "c2", t=2.6)
+    report = check(ordered)
+    assert report.ok, report.summary()
+
+
 def test_journal_of_a_killed_consumer_is_read_back_without_its_cut_line(tmp_path):
     journal = tmp_path / "c1.jsonl"
     child = History(journal=journal)
@@ -317,6 +492,48 @@ def published_values(history: History, topic: str, filter: dict | None) -> set[s
         for value, payload in zip(p.values, p.payloads, strict=True)
         if matches(filter, payload)
     }
+
+
+def abandoned_deliveries(history: History) -> list[Delivery]:
+    """The deliveries that their consumer extended to a second and let lapse (lapse_ratio): for
+    each message an extend named, the consumer's last claim of it before the extend."""
+    return [
+        max(
+            (
+                d
+                for d in history.deliveries
+                if d.consumer == extend.consumer and d.message_id == message_id and d.t1 <= extend.t0
+            ),
+            key=lambda d: d.t1,
+        )
+        for extend in history.extends
+        for message_id in extend.message_ids
+    ]
+
+
+def assert_retried_first(history: History, abandoned: list[Delivery]) -> None:
+    """Each delivery of an ordered subscription that its consumer abandoned (killed, or its lease
+    left to lapse) is the next claim of its key, one attempt later, unless its attempts were
+    used up (then it went to the DLQ and the next of its key may go)."""
+    for first in abandoned:
+        info = history.subscriptions[first.subscription]
+        key = first.payload[info.ordering_key]
+        after = sorted(
+            (
+                d
+                for d in history.deliveries
+                if d.subscription == first.subscription
+                and d.t0 > first.t1
+                and d.payload[info.ordering_key] == key
+            ),
+            key=lambda d: d.t0,
+        )
+        if first.attempts < info.max_attempts:
+            assert after, f"{first} never came back"
+            assert (after[0].message_id, after[0].attempts) == (first.message_id, first.attempts + 1), (
+                first,
+                after[0],
+            )
 
 
 # --- Scenario 1: concurrent consumers and producers --------------------------------------------
@@ -460,18 +677,22 @@ def start_consumer_process(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ordering_key", [None, KEY_FIELD], ids=["unordered", "ordered"])
 def test_consumers_killed_mid_batch_lose_nothing_their_messages_return_after_the_lock_timeout(
-    live_port, history, release, workers, processes, tmp_path
+    live_port, history, release, workers, processes, tmp_path, ordering_key
 ):
+    """Ordered, the orphans' keys wait for them: each comes back before the rest of its key."""
     admin = Client(history, "admin", live_port)
     admin.create_topic("orders")
-    admin.create_subscription("work", "orders")
+    admin.create_subscription("work", "orders", ordering_key=ordering_key)
     # The victims, c0 and c1, work on each batch for 0.25-0.75 s: a kill can land mid-batch.
     journals = {
         name: start_consumer_process(processes, tmp_path, live_port, name, work)
         for name, work in (("c0", 0.5), ("c1", 0.5), ("c2", 0.02), ("c3", 0.02))
     }
-    producers = start_producers(workers, history, live_port, ["orders"] * 2, batches=30, pause=0.05)
+    producers = start_producers(
+        workers, history, live_port, ["orders"] * 2, batches=30, pause=0.05, keys=30 if ordering_key else 0
+    )
     workers.start("cleanup-stuck", release_loop, history, release, LOCK_TIMEOUT, workers.stopped)
 
     for victim in ("c0", "c1"):
@@ -510,6 +731,10 @@ def test_consumers_killed_mid_batch_lose_nothing_their_messages_return_after_the
             # Not before the lock timeout: the dead consumer's lock held until cleanup-stuck.
             assert again[0].t1 >= orphan.t0 + LOCK_TIMEOUT - SLACK, (orphan, again[0])
             assert again[0].attempts == orphan.attempts + 1
+        if ordering_key:
+            assert_retried_first(history, held)
+    if ordering_key:
+        assert report.stats["ordered pairs"] > 0
 
 
 # --- Scenario 3: a poison message --------------------------------------------------------------
@@ -578,8 +803,8 @@ def test_a_poison_message_that_crashes_every_consumer_ends_in_the_dlq_while_the_
         "delayed": 0,
         "delivered": 0,
         "acked": 2 * 15 * 10,
-        "dlq": 1,
         "waiting": 0,
+        "dlq": 1,
     }
     assert admin.metrics("work") == metrics
 
@@ -805,3 +1030,88 @@ def test_a_topic_deleted_while_a_subscription_is_being_created_leaves_no_orphan_
     assert statuses["create"] in (201, 404) and statuses["publish"] in (204, 404), statuses
     assert admin.request("GET", "/subscriptions/late").status == 404
     assert count_orphans(history_app) == {"subscription_messages": 0, "acked_messages": 0}, statuses
+
+
+# --- Scenario 7: ordering keys -----------------------------------------------------------------
+# With ordered subscriptions, check() also looks at each key's order (out_of_order, two_of_a_key);
+# consumers killed mid-batch on an ordered subscription are in scenario 2.
+
+
+@pytest.mark.slow
+def test_an_ordered_subscription_with_concurrent_consumers_and_producers_keeps_each_keys_order(
+    live_port, history, workers
+):
+    """4 producers share 20 keys (30 messages each); 8 consumers nack and dead-letter some."""
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    admin.create_subscription("ordered", "orders", ordering_key=KEY_FIELD)
+    producers = start_producers(workers, history, live_port, ["orders"] * 4, batches=15, pause=0.02, keys=20)
+    start_consumers(
+        workers,
+        history,
+        live_port,
+        ["ordered"] * 8,
+        batch_size=10,
+        nack_ratio=0.1,
+        dead_letter_ratio=0.05,
+        idle_sleep=0.02,
+    )
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, ["ordered"], seconds=30), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, ["ordered"])
+    history.record_dead("ordered", [m["payload"]["value"] for m in admin.dead_letters("ordered")])
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert report.stats["values published ok"] == 4 * 15 * 10
+    assert delivered_values(history, "ordered") == published_values(history, "orders", None)
+    # The keys were shared out, many pairs had a known order, and the retry and DLQ paths ran.
+    assert len({d.consumer for d in history.deliveries if not d.consumer.startswith("drain-")}) == 8
+    assert report.stats["ordered pairs"] > 1000
+    assert (
+        report.stats["nacks"] > 0 and report.stats["redeliveries"] > 0 and report.stats["dead-lettered"] > 0
+    )
+
+
+@pytest.mark.slow
+def test_lapsed_leases_on_an_ordered_subscription_are_retried_before_the_rest_of_their_key(
+    live_port, history, workers
+):
+    """Consumers give up 30 % of their messages: they shorten the lease to a second and never
+    settle. Each comes back before the rest of its key, until a third attempt lapses and
+    sends it to the DLQ (in the consume that claims the next of its key)."""
+    attempts = 3
+    admin = Client(history, "admin", live_port)
+    admin.create_topic("orders")
+    admin.create_subscription("ordered", "orders", ordering_key=KEY_FIELD, max_delivery_attempts=attempts)
+    producers = start_producers(workers, history, live_port, ["orders"] * 2, batches=10, pause=0.05, keys=20)
+    start_consumers(
+        workers,
+        history,
+        live_port,
+        ["ordered"] * 4,
+        batch_size=10,
+        nack_ratio=0.1,
+        lapse_ratio=0.3,
+        idle_sleep=0.02,
+    )
+    workers.join(timeout=60, stop=False, threads=producers)
+    assert wait_until_consumed(admin, ["ordered"], seconds=30), "the consumers did not keep up"
+    workers.join(timeout=15)
+    drain(history, live_port, ["ordered"])
+    dead = admin.dead_letters("ordered")
+    history.record_dead("ordered", [m["payload"]["value"] for m in dead])
+
+    report = check(history)
+    assert report.ok, report.summary()
+    assert not history.failed_calls()
+    assert delivered_values(history, "ordered") == published_values(history, "orders", None)
+    abandoned = abandoned_deliveries(history)
+    assert abandoned and report.stats["lease extensions"] == len(abandoned)
+    assert_retried_first(history, abandoned)
+    # Only lapses of last attempts dead-lettered (nacks stop below it): those went to the DLQ.
+    assert {m["id"] for m in dead} == {d.message_id for d in abandoned if d.attempts == attempts} != set()
+    metrics = admin.metrics("ordered")
+    assert metrics["acked"] + metrics["dlq"] == 2 * 10 * 10 and metrics["dlq"] == len(dead)
