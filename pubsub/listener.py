@@ -161,6 +161,7 @@ class Listener:
 
     def __init__(self, app: Flask):
         config = app.config
+        self.config = config
         self.engine = db.get_engine(app)
         self.recheck_seconds = config["LONG_POLL_RECHECK_SECONDS"]
         self.capacity = config["LONG_POLL_MAX_WAITERS"]
@@ -381,6 +382,9 @@ class Listener:
     def connect(self) -> psycopg.Connection:
         args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
         kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 5}
+        # Its LISTEN and re-checks time out as the pool's statements do, and keepalives tell it
+        # soon when the server goes silent while it waits for notifications: it reconnects.
+        kwargs = db.bounded_waits(self.config, kwargs)
         return psycopg.connect(*args, **kwargs)
 
     def listen(self, conn: psycopg.Connection) -> None:
