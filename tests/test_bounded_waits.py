@@ -19,6 +19,7 @@ from pubsub import db, messages
 from pubsub.blueprints.health import READINESS_TIMEOUT_SECONDS
 from pubsub.errors import DATABASE_TIMED_OUT
 from pubsub.listener import Listener
+from tests.test_serve import free_port, request, serve_env, serving, wait_until_live
 
 TIMEOUT = 1  # DATABASE_STATEMENT_TIMEOUT_SECONDS of these tests' apps
 # A request that timed out answers within this: its statement's timeout, plus one more for a
@@ -41,14 +42,24 @@ def plain_url(database_url: str) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(False)
 
 
+# The lock goes after this many seconds at the latest, so that a statement timeout that does not
+# work fails a test (answers too late) instead of hanging it.
+HOLD_MAX = 15
+
+
 @contextmanager
 def table_locked(database_url: str, table: str = "subscription_messages") -> Iterator[None]:
-    """Another session holds an ACCESS EXCLUSIVE lock on the table for the block."""
+    """Another session holds an ACCESS EXCLUSIVE lock on the table for the block (at most
+    HOLD_MAX seconds)."""
     with psycopg.connect(plain_url(database_url)) as conn:
         conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(HOLD_MAX, conn.rollback)
+        release.start()
         try:
             yield
         finally:
+            release.cancel()
+            release.join()
             conn.rollback()
 
 
@@ -192,3 +203,54 @@ def test_a_statement_timeout_can_be_turned_off(make_app):
     app = make_app(DATABASE_STATEMENT_TIMEOUT_SECONDS=0)
     with app.app_context(), db.connect() as conn:
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "0"
+
+
+# The same through `flask pubsub serve`: gunicorn's work slots (API_NUM_THREADS) all taken by
+# requests that wait on the database must not keep the probes or later requests waiting forever.
+
+
+@pytest.mark.slow
+def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_slot(database_url, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(
+        DATABASE_URL=database_url,
+        API_PORT=str(port),
+        API_NUM_WORKERS="1",
+        API_NUM_THREADS="2",
+        DATABASE_STATEMENT_TIMEOUT_SECONDS=str(TIMEOUT),
+    )
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+        assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+        assert request(port, "GET", "/readiness")[0] == 200
+        answers: list[tuple[int, object, float]] = []
+
+        def publish(n: int) -> None:
+            started = time.monotonic()
+            status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
+            answers.append((status, body, time.monotonic() - started))
+
+        with table_locked(database_url):
+            threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)  # both work slots now wait on the lock
+            started = time.monotonic()
+            assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
+            assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
+            started = time.monotonic()
+            assert request(port, "GET", "/readiness")[0] == 503
+            assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
+            for thread in threads:
+                thread.join(4 * BOUND)
+            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+
+        # Four publishes through two slots, each slot's turn bounded by the timeout.
+        assert [(status, body) for status, body, _ in answers] == [(503, TIMED_OUT)] * 4
+        assert max(elapsed for _, _, elapsed in answers) < 2 * BOUND
+        assert request(port, "POST", "/topics/orders/messages", [{"n": 9}])[0] == 204
+        deadline = time.monotonic() + 5
+        while request(port, "GET", "/readiness")[0] != 200:
+            assert time.monotonic() < deadline, "not ready 5 s after the lock was released"
+        assert stored_messages(database_url) == 1
