@@ -6,6 +6,7 @@ IN ACCESS EXCLUSIVE MODE`), so that statements hang as they would on a database 
 answering, with DATABASE_STATEMENT_TIMEOUT_SECONDS at 1.
 """
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +14,14 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
+from flask_migrate import upgrade
 from sqlalchemy.engine import make_url
 
-from pubsub import db, messages
+from pubsub import create_app, db, messages
 from pubsub.blueprints.health import READINESS_TIMEOUT_SECONDS
 from pubsub.errors import DATABASE_TIMED_OUT
 from pubsub.listener import Listener
+from tests.pgcluster import TempCluster
 from tests.test_serve import free_port, request, serve_env, serving, wait_until_live
 
 TIMEOUT = 1  # DATABASE_STATEMENT_TIMEOUT_SECONDS of these tests' apps
@@ -254,3 +257,44 @@ def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_s
         while request(port, "GET", "/readiness")[0] != 200:
             assert time.monotonic() < deadline, "not ready 5 s after the lock was released"
         assert stored_messages(database_url) == 1
+
+
+# Commits that wait for a synchronous standby that is gone (the issue's failover by hand): the
+# statement timeout does not cut them (PostgreSQL stops a statement's timer before its commit),
+# but readiness, whose probe commits, says 503 within its bound.
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[TempCluster]:
+    with TempCluster(bin_dir=os.environ.get("PUBSUB_TEST_PG_BIN") or None) as cluster:
+        yield cluster
+
+
+def set_synchronous_standby(cluster: TempCluster, names: str) -> None:
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.slow
+def test_readiness_answers_503_while_commits_wait_for_a_missing_synchronous_standby(cluster):
+    url = cluster.create_database("pubsub_bounded")
+    app = create_app({"DATABASE_URL": url, "TESTING": True})
+    with app.app_context():
+        upgrade()
+    client = app.test_client()
+    try:
+        assert client.get("/readiness").status_code == 200
+        set_synchronous_standby(cluster, "gone")
+        time.sleep(0.5)  # the reload takes effect
+        response, elapsed = timed(lambda: client.get("/readiness"))
+        assert response.status_code == 503, (response.json, elapsed)
+        assert response.headers["Retry-After"] == "1"
+        assert elapsed < READINESS_TIMEOUT_SECONDS + 1.5, f"answered after {elapsed:.1f}s"
+        assert client.get("/liveness").status_code == 200
+    finally:
+        set_synchronous_standby(cluster, "")  # releases the waiting commit of the probe
+    deadline = time.monotonic() + 5
+    while client.get("/readiness").status_code != 200:
+        assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
+    db.dispose(app)

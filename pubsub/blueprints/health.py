@@ -19,10 +19,16 @@ blp = Blueprint("health", __name__, description="Health probes")
 # finished by then counts as a failure (503), under the 1 s-5 s that probes usually wait.
 READINESS_TIMEOUT_SECONDS = 2.0
 # Ready means able to serve: the messages table can be read (not locked away, e.g. by a
-# migration's ACCESS EXCLUSIVE lock), and a transaction with a transaction id commits, which on a
-# standby fails and on a primary waiting for a synchronous standby that is gone never ends. The
-# id costs one commit record of WAL per probe.
-READINESS_PROBE = sa.text("SELECT pg_current_xact_id(), EXISTS (SELECT FROM subscription_messages LIMIT 0)")
+# migration's ACCESS EXCLUSIVE lock), and a transaction that writes WAL commits, which on a
+# standby fails and on a primary waiting for a synchronous standby that is gone never ends. A
+# transactional logical message is the smallest such write that any role may make, with no table
+# of its own: a few dozen bytes of WAL per probe (logical decoding sees it under this prefix).
+# Merely taking a transaction id would not do: a commit that wrote no other WAL does not wait
+# for the standby.
+READINESS_PROBE = sa.text(
+    "SELECT pg_logical_emit_message(true, 'pubsub-readiness', ''),"
+    " EXISTS (SELECT FROM subscription_messages LIMIT 0)"
+)
 
 
 @blp.route("/liveness")
