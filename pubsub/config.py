@@ -76,8 +76,10 @@ METRICS_BACKLOG_CACHE_SECONDS = 5
 # subscription, so with auth on, set it or keep /metrics out of reach.
 METRICS_BEARER_TOKEN: str | None = None
 
-# Bounded waits on the database (README "Bounded waits"): a database that stops answering costs
-# each request at most about this long, then a 503 with Retry-After, never a wedged server.
+# Bounded waits on the database (README, Extensions, "Bounded waits on the database"): a database
+# that stops answering costs each request at most about this long, then a 503 with Retry-After,
+# never a wedged server. Not bounded: a commit waiting for a synchronous standby that is gone
+# (PostgreSQL stops a statement's timer before its commit); /readiness says 503 meanwhile.
 # Every statement of the API's connections (the pool's and the long-poll listener's) is cancelled
 # by PostgreSQL after this many seconds (its statement_timeout; 0: never), which commits nothing.
 # 30 s: well above the slowest statement the API runs (a chunk of OPERATIONS_CHUNK_ROWS, a full
