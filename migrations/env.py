@@ -17,6 +17,7 @@ def run_migrations_online() -> None:
     with db.get_engine(current_app).connect() as connection:
         context.configure(connection=connection, target_metadata=metadata, compare_type=True)
         with context.begin_transaction():
+            db.lift_statement_timeout(connection)  # a migration may rewrite a large table
             context.run_migrations()
 
 

@@ -89,3 +89,18 @@ METRICS_BACKLOG_CACHE_SECONDS = 5
 # `authorization` scrape option sends); unset, /metrics is open. Its backlog gauges name every
 # subscription, so with auth on, set it or keep /metrics out of reach.
 METRICS_BEARER_TOKEN: str | None = None
+
+# Bounded waits on the database (README, Extensions, "Bounded waits on the database"): a database
+# that stops answering costs each request at most about this long, then a 503 with Retry-After,
+# never a wedged server. Not bounded: a commit waiting for a synchronous standby that is gone
+# (PostgreSQL stops a statement's timer before its commit); /readiness says 503 meanwhile.
+# Every statement of the API's connections (the pool's and the long-poll listener's) is cancelled
+# by PostgreSQL after this many seconds (its statement_timeout; 0: never), which commits nothing.
+# 30 s: well above the slowest statement the API runs (a chunk of OPERATIONS_CHUNK_ROWS, a full
+# publish batch), and under the 60 s after which gunicorn restarts a worker that seems hung.
+# Long polls wait in Python, not in a statement, and are not cut by it. The cleanup commands and
+# migrations lift it for their own transaction: they may rightly run longer.
+DATABASE_STATEMENT_TIMEOUT_SECONDS = 30
+# How long a request waits for a pooled connection when all DATABASE_POOL_SIZE +
+# DATABASE_MAX_OVERFLOW are in use, before a 503 (SQLAlchemy's pool_timeout).
+DATABASE_POOL_TIMEOUT_SECONDS = 10

@@ -77,7 +77,9 @@ def create_engine(app: Flask) -> sa.Engine:
         max_overflow=config["DATABASE_MAX_OVERFLOW"],
         # One clock and one zone for every timestamp we hand out; fail fast when the server is gone.
         connect_args={"options": "-c TimeZone=UTC", "connect_timeout": 5},
+        pool_timeout=config["DATABASE_POOL_TIMEOUT_SECONDS"],
     )
+    sa.event.listen(engine, "do_connect", bounded_waits_hook(config))
     if config["DATABASE_POOL_PRE_PING"]:
         sa.event.listen(engine, "checkout", check_alive)
     add_pooler_support(engine, config)
@@ -128,6 +130,56 @@ def listen_url(app: Flask) -> str:
     """The URL of the long-poll LISTEN connection: DATABASE_LISTEN_URL, else DATABASE_URL."""
     url = app.config["DATABASE_LISTEN_URL"]
     return psycopg_url(url) if url else database_url(app)
+
+
+# Every connection of the API's says who it is, so that pg_stat_activity counts them exactly
+# (README "Connections"); the long-poll listener's is pubsub-listener. A URL's own wins.
+APPLICATION_NAME = "pubsub"
+# How soon a connection notices a server or network that went silent (a dead host, dropped
+# packets), where statement_timeout cannot help since the server never answers: TCP keepalives
+# after 5 s idle, every 2 s, 3 missed; and tcp_user_timeout, 10 s for sent data left unacknowledged
+# (on Linux it also ends the keepalives). The request then fails with a lost connection: a 503.
+TCP_PARAMETERS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+
+def bounded_waits(config, params: dict) -> dict:
+    """libpq parameters `params` plus the bounds on waiting for the database: the statement
+    timeout and the TCP parameters.
+
+    statement_timeout goes in the `options` startup parameter, beside TimeZone, rather than in a
+    SET when the pool connects: no round trip, in force from the first statement, and the
+    session's default, which a RESET ALL or DISCARD ALL keeps. The trade-off is PgBouncer, which
+    refuses `options` unless it is in ignore_startup_parameters, and then drops it: behind
+    PgBouncer, give the role the same limit (ALTER ROLE ... SET statement_timeout). A SET on
+    connect would be no better there: in transaction pooling it lands on whichever server
+    connection ran it."""
+    params = {**TCP_PARAMETERS, **params}
+    params.setdefault("application_name", APPLICATION_NAME)
+    timeout_ms = config["DATABASE_STATEMENT_TIMEOUT_SECONDS"] * 1000
+    options = params.get("options", "")
+    params["options"] = f"{options} -c statement_timeout={timeout_ms}".strip()
+    return params
+
+
+def bounded_waits_hook(config) -> Callable:
+    """A do_connect listener that applies bounded_waits to every connection the pool opens."""
+
+    def hook(dialect, connection_record, cargs, cparams) -> None:
+        cparams.update(bounded_waits(config, cparams))
+
+    return hook
+
+
+def lift_statement_timeout(conn: sa.Connection) -> None:
+    """No statement timeout for the rest of this transaction: for the cleanup commands and
+    migrations, which may rightly take longer than a request."""
+    conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
 
 
 def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:

@@ -126,7 +126,22 @@ def handle_database_unavailable(error: Exception):
     # Connection refused or dropped, server shutting down, pool exhausted: the transaction did
     # not commit, so the client may safely retry.
     log.warning("database unavailable: %s", (str(error).splitlines() or [""])[0])
-    return handle_pubsub_error(DatabaseUnavailable())
+    return handle_pubsub_error(DatabaseUnavailable(*unavailable_detail(error)))
+
+
+# A statement cancelled by DATABASE_STATEMENT_TIMEOUT_SECONDS (57014 query_canceled) or a lock
+# wait that gave up (55P03 lock_not_available): PostgreSQL rolled it back, nothing was done.
+TIMED_OUT_SQLSTATES = ("57014", "55P03")
+DATABASE_TIMED_OUT = "database did not answer in time; nothing was done, retry later"
+
+
+def unavailable_detail(error: Exception) -> tuple[str, ...]:
+    """The 503's detail for this error, as DatabaseUnavailable's arguments: its own text for a
+    timeout, whose outcome is known, the default otherwise."""
+    orig = getattr(error, "orig", error)  # SQLAlchemy wraps psycopg's errors
+    if getattr(orig, "sqlstate", None) in TIMED_OUT_SQLSTATES:
+        return (DATABASE_TIMED_OUT,)
+    return ()
 
 
 def handle_unexpected(error: Exception):

@@ -162,6 +162,7 @@ class Listener:
 
     def __init__(self, app: Flask):
         config = app.config
+        self.config = config
         self.engine = db.get_engine(app)
         self.listen_url = sa.engine.make_url(db.listen_url(app))  # LISTEN needs a session
         self.driver_options = db.driver_options(config)
@@ -385,6 +386,9 @@ class Listener:
         args, kwargs = self.engine.dialect.create_connect_args(self.listen_url)
         kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 5}
         kwargs.update(self.driver_options)
+        # Its LISTEN and re-checks time out as the pool's statements do, and keepalives tell it
+        # soon when the server goes silent while it waits for notifications: it reconnects.
+        kwargs = db.bounded_waits(self.config, kwargs)
         return psycopg.connect(*args, **kwargs)
 
     def listen(self, conn: psycopg.Connection) -> None:

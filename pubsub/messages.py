@@ -550,6 +550,17 @@ def outcome_known(error: Exception) -> bool:
     return error.sqlstate is not None and not error.sqlstate.startswith(("08", "57P"))
 
 
+# A statement cancelled by statement_timeout (or by an operator's pg_cancel_backend).
+QUERY_CANCELED = "57014"
+
+
+def retry_group_alone(error: Exception) -> bool:
+    """Whether the requests of a group statement that raised this run their items alone: when it
+    surely committed nothing (outcome_known), unless it was cancelled for taking too long, since
+    each would then wait as long again; they answer 503 at once instead (nothing was stored)."""
+    return outcome_known(error) and getattr(error, "sqlstate", None) != QUERY_CANCELED
+
+
 # Claims in one consume: each further one dead-letters at least one lapsed lease.
 MAX_CLAIMS = 10
 

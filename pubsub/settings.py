@@ -80,6 +80,8 @@ def check_config(config: dict[str, Any]) -> None:
         "METRICS_BACKLOG_CACHE_SECONDS": 0,
         "OPERATIONS_CHUNK_ROWS": 1,
         "PUBLISH_IDEMPOTENCY_SECONDS": 1,
+        "DATABASE_STATEMENT_TIMEOUT_SECONDS": 0,
+        "DATABASE_POOL_TIMEOUT_SECONDS": 1,
     }
     for name, low in at_least.items():
         value = config[name]

@@ -39,6 +39,9 @@ from pubsub import config, slots
 # which it checks whether the pool needs it.
 LINGER_SECONDS = 1.0
 LINGER_SLICE_MS = 100
+# The health probes take no work slot: /liveness must answer at once, and /readiness within its
+# own bound, even while every slot waits on a database that stopped answering.
+PROBE_PATHS = ("/liveness", "/readiness")
 
 
 # The status that gunicorn's own handle_error (gunicorn/workers/base.py) gives each error, first
@@ -93,6 +96,8 @@ class ThreadWorker(gthread.ThreadWorker):
             waits.release_waiters()
 
     def handle_request(self, req, conn):
+        if req.path in PROBE_PATHS:  # no work slot: they answer even while every slot waits
+            return super().handle_request(req, conn)
         with slots.slot_held():
             return super().handle_request(req, conn)
 

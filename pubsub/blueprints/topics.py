@@ -224,7 +224,7 @@ def publish_grouped(
             GroupCommit(
                 publish_group,
                 publish_alone,
-                messages.outcome_known,
+                messages.retry_group_alone,
                 PUBLISH_GROUP_MAX_REQUESTS,
                 PUBLISH_GROUP_MAX_BYTES,
             ),

@@ -1,0 +1,300 @@
+"""A database that stops answering never wedges the server: statements time out with a 503 and
+Retry-After, pool checkouts are bounded, the probes keep answering (issue 17, point 6).
+
+A test session holds a lock that every message statement needs (`LOCK TABLE subscription_messages
+IN ACCESS EXCLUSIVE MODE`), so that statements hang as they would on a database that stopped
+answering, with DATABASE_STATEMENT_TIMEOUT_SECONDS at 1.
+"""
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from flask_migrate import upgrade
+from sqlalchemy.engine import make_url
+
+from pubsub import create_app, db, messages
+from pubsub.blueprints.health import READINESS_TIMEOUT_SECONDS
+from pubsub.errors import DATABASE_TIMED_OUT
+from pubsub.listener import Listener
+from tests.pgcluster import TempCluster
+from tests.test_serve import free_port, request, serve_env, serving, wait_until_live
+
+TIMEOUT = 1  # DATABASE_STATEMENT_TIMEOUT_SECONDS of these tests' apps
+# A request that timed out answers within this: its statement's timeout, plus one more for a
+# publish queued behind a group statement that timed out, plus room for a loaded machine.
+BOUND = 2 * TIMEOUT + 2.5
+TIMED_OUT = {"detail": DATABASE_TIMED_OUT}
+
+
+@pytest.fixture(scope="module")
+def timed_app(make_app):
+    return make_app(DATABASE_STATEMENT_TIMEOUT_SECONDS=TIMEOUT)
+
+
+@pytest.fixture
+def timed_client(timed_app):
+    return timed_app.test_client()
+
+
+def plain_url(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(False)
+
+
+# The lock goes after this many seconds at the latest, so that a statement timeout that does not
+# work fails a test (answers too late) instead of hanging it.
+HOLD_MAX = 15
+
+
+@contextmanager
+def table_locked(database_url: str, table: str = "subscription_messages") -> Iterator[None]:
+    """Another session holds an ACCESS EXCLUSIVE lock on the table for the block (at most
+    HOLD_MAX seconds)."""
+    with psycopg.connect(plain_url(database_url)) as conn:
+        conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(HOLD_MAX, conn.rollback)
+        release.start()
+        try:
+            yield
+        finally:
+            release.cancel()
+            release.join()
+            conn.rollback()
+
+
+def timed(call):
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def assert_timed_out(response, elapsed: float) -> None:
+    assert (response.status_code, response.json) == (503, TIMED_OUT)
+    assert response.headers["Retry-After"] == "1"
+    assert elapsed < BOUND, f"answered after {elapsed:.1f}s"
+
+
+def stored_messages(database_url: str) -> int:
+    with psycopg.connect(plain_url(database_url)) as conn:
+        return conn.execute("SELECT count(*) FROM subscription_messages").fetchone()[0]
+
+
+def test_publish_consume_and_ack_answer_503_while_a_lock_holds_them_then_serve_again(
+    timed_client, database_url
+):
+    client = timed_client
+    assert client.post("/topics", json={"id": "orders"}).status_code == 201
+    assert client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"}).status_code == 201
+    assert client.post("/topics/orders/messages", json=[{"n": 0}]).status_code == 204
+    consume = "/subscriptions/sub/messages?consumer_id=c&batch_size=10"
+    leased = client.get(consume).json["data"]
+    assert len(leased) == 1
+
+    receipts = {"Prefer": "return=representation"}
+    with table_locked(database_url):
+        for call in [
+            lambda: client.post("/topics/orders/messages", json=[{"n": 1}]),  # the group commit
+            lambda: client.post("/topics/orders/messages", json=[{"n": 2}], headers=receipts),
+            lambda: client.get(consume),
+            lambda: client.post("/subscriptions/sub/acks", json=[leased[0]["id"]]),
+        ]:
+            assert_timed_out(*timed(call))
+
+    assert client.post("/subscriptions/sub/acks", json=[leased[0]["id"]]).status_code == 204
+    assert client.post("/topics/orders/messages", json=[{"n": 3}]).status_code == 204
+    assert [m["payload"] for m in client.get(consume).json["data"]] == [{"n": 3}]
+    # n=3 only (n=0 was acked, which takes it out of the table): nothing of what answered 503.
+    assert stored_messages(database_url) == 1
+
+
+def test_concurrent_publishes_of_a_group_all_answer_503_within_the_bound(timed_app, database_url):
+    client = timed_app.test_client()
+    assert client.post("/topics", json={"id": "orders"}).status_code == 201
+    assert client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"}).status_code == 201
+    answers: list[tuple[int, float]] = []
+    start = threading.Barrier(12)
+
+    def publish(n: int) -> None:
+        own = timed_app.test_client()
+        start.wait(5)
+        response, elapsed = timed(lambda: own.post("/topics/orders/messages", json=[{"n": n}]))
+        answers.append((response.status_code, response.headers.get("Retry-After"), elapsed))
+
+    with table_locked(database_url):
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BOUND + 5)
+        assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+
+    assert sorted((status, retry) for status, retry, _ in answers) == [(503, "1")] * 12
+    slowest = max(elapsed for _, _, elapsed in answers)
+    assert slowest < BOUND, f"the slowest publish answered after {slowest:.1f}s"
+    assert stored_messages(database_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "alone"),
+    [
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), False),
+        (psycopg.errors.LockNotAvailable("could not obtain lock"), True),  # PUBLISH_NOWAIT's
+        (psycopg.errors.CheckViolation("bad"), True),
+        (ValueError("bad data"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), False),  # outcome unknown
+    ],
+)
+def test_a_group_statement_that_timed_out_is_not_run_again_alone(error, alone):
+    assert messages.retry_group_alone(error) is alone
+
+
+def test_probes_answer_while_a_lock_holds_the_messages(client, database_url):
+    # The default statement timeout (30 s): readiness answers within its own, shorter bound.
+    assert client.get("/readiness").status_code == 200
+    with table_locked(database_url):
+        response, elapsed = timed(lambda: client.get("/liveness"))
+        assert (response.status_code, elapsed < 0.5) == (200, True)
+        response, elapsed = timed(lambda: client.get("/readiness"))
+        assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+        assert READINESS_TIMEOUT_SECONDS - 0.1 < elapsed < READINESS_TIMEOUT_SECONDS + 1.5
+    deadline = time.monotonic() + 5
+    while client.get("/readiness").status_code != 200:  # the hung probe ends with the lock
+        assert time.monotonic() < deadline, "not ready 5 s after the lock was released"
+
+
+def test_every_connection_has_the_statement_timeout_and_its_name(timed_app):
+    with timed_app.app_context(), db.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == f"{TIMEOUT}s"
+        assert conn.exec_driver_sql("SHOW application_name").scalar() == db.APPLICATION_NAME
+        assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
+        info = conn.connection.driver_connection.info
+        assert info.get_parameters()["keepalives_idle"] == str(db.TCP_PARAMETERS["keepalives_idle"])
+    with Listener(timed_app).connect() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == f"{TIMEOUT}s"
+        assert conn.execute("SHOW application_name").fetchone()[0] == "pubsub-listener"
+        assert conn.info.get_parameters()["tcp_user_timeout"] == str(db.TCP_PARAMETERS["tcp_user_timeout"])
+
+
+def test_a_request_waits_for_a_pooled_connection_at_most_the_pool_timeout(make_app):
+    app = make_app(DATABASE_POOL_SIZE=1, DATABASE_MAX_OVERFLOW=0, DATABASE_POOL_TIMEOUT_SECONDS=1)
+    client = app.test_client()
+    with db.get_engine(app).connect():  # the pool's only connection, taken
+        response, elapsed = timed(lambda: client.get("/topics"))
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+    assert elapsed < 3, f"answered after {elapsed:.1f}s"
+
+
+def test_cleanup_commands_are_not_cut_by_the_statement_timeout(timed_app, database_url):
+    runner = timed_app.test_cli_runner()
+    for command, table in [("cleanup-acked", "acked_messages"), ("cleanup-stuck", "subscription_messages")]:
+        with psycopg.connect(plain_url(database_url)) as conn:
+            conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            release = threading.Timer(TIMEOUT + 1, conn.rollback)  # longer than the timeout
+            release.start()
+            try:
+                result = runner.invoke(args=["pubsub", command])
+            finally:
+                release.join()
+        assert result.exit_code == 0, result.output
+
+
+def test_a_statement_timeout_can_be_turned_off(make_app):
+    app = make_app(DATABASE_STATEMENT_TIMEOUT_SECONDS=0)
+    with app.app_context(), db.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "0"
+
+
+# The same through `flask pubsub serve`: gunicorn's work slots (API_NUM_THREADS) all taken by
+# requests that wait on the database must not keep the probes or later requests waiting forever.
+
+
+@pytest.mark.slow
+def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_slot(database_url, tmp_path):
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(
+        DATABASE_URL=database_url,
+        API_PORT=str(port),
+        API_NUM_WORKERS="1",
+        API_NUM_THREADS="2",
+        DATABASE_STATEMENT_TIMEOUT_SECONDS=str(TIMEOUT),
+    )
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+        assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+        assert request(port, "GET", "/readiness")[0] == 200
+        answers: list[tuple[int, object, float]] = []
+
+        def publish(n: int) -> None:
+            started = time.monotonic()
+            status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
+            answers.append((status, body, time.monotonic() - started))
+
+        with table_locked(database_url):
+            threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)  # both work slots now wait on the lock
+            started = time.monotonic()
+            assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
+            assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
+            started = time.monotonic()
+            assert request(port, "GET", "/readiness")[0] == 503
+            assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
+            for thread in threads:
+                thread.join(4 * BOUND)
+            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+
+        # Four publishes through two slots, each slot's turn bounded by the timeout.
+        assert [(status, body) for status, body, _ in answers] == [(503, TIMED_OUT)] * 4
+        assert max(elapsed for _, _, elapsed in answers) < 2 * BOUND
+        assert request(port, "POST", "/topics/orders/messages", [{"n": 9}])[0] == 204
+        deadline = time.monotonic() + 5
+        while request(port, "GET", "/readiness")[0] != 200:
+            assert time.monotonic() < deadline, "not ready 5 s after the lock was released"
+        assert stored_messages(database_url) == 1
+
+
+# Commits that wait for a synchronous standby that is gone (the issue's failover by hand): the
+# statement timeout does not cut them (PostgreSQL stops a statement's timer before its commit),
+# but readiness, whose probe commits, says 503 within its bound.
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[TempCluster]:
+    with TempCluster(bin_dir=os.environ.get("PUBSUB_TEST_PG_BIN") or None) as cluster:
+        yield cluster
+
+
+def set_synchronous_standby(cluster: TempCluster, names: str) -> None:
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.slow
+def test_readiness_answers_503_while_commits_wait_for_a_missing_synchronous_standby(cluster):
+    url = cluster.create_database("pubsub_bounded")
+    app = create_app({"DATABASE_URL": url, "TESTING": True})
+    with app.app_context():
+        upgrade()
+    client = app.test_client()
+    try:
+        assert client.get("/readiness").status_code == 200
+        set_synchronous_standby(cluster, "gone")
+        time.sleep(0.5)  # the reload takes effect
+        response, elapsed = timed(lambda: client.get("/readiness"))
+        assert response.status_code == 503, (response.json, elapsed)
+        assert response.headers["Retry-After"] == "1"
+        assert elapsed < READINESS_TIMEOUT_SECONDS + 1.5, f"answered after {elapsed:.1f}s"
+        assert client.get("/liveness").status_code == 200
+    finally:
+        set_synchronous_standby(cluster, "")  # releases the waiting commit of the probe
+    deadline = time.monotonic() + 5
+    while client.get("/readiness").status_code != 200:
+        assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
+    db.dispose(app)
