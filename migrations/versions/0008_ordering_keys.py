@@ -43,17 +43,25 @@ TABLE = "subscription_messages"
 
 FUNCTIONS = """
 -- A whole ordered subscription, exclusively: for the rare paths (dead-lettering, redrive,
--- deletes), which then need no key locks.
-CREATE FUNCTION pubsub_lock_ordering(subscription_id text, nowait boolean DEFAULT false) RETURNS void
+-- deletes), which then need no key locks. Shared: beside key locks (pubsub_lock_keys).
+CREATE FUNCTION pubsub_lock_ordering(subscription_id text, nowait boolean DEFAULT false,
+                                     shared boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    lock bigint := hashtextextended('pubsub ordering ' || subscription_id, 0);
+    taken boolean;
 BEGIN
-    IF nowait THEN
-        IF NOT pg_try_advisory_xact_lock(hashtextextended('pubsub ordering ' || subscription_id, 0)) THEN
+    IF NOT nowait AND shared THEN
+        PERFORM pg_advisory_xact_lock_shared(lock);
+    ELSIF NOT nowait THEN
+        PERFORM pg_advisory_xact_lock(lock);
+    ELSE
+        taken := CASE WHEN shared THEN pg_try_advisory_xact_lock_shared(lock)
+                      ELSE pg_try_advisory_xact_lock(lock) END;
+        IF NOT taken THEN
             RAISE EXCEPTION 'the ordering lock of subscription % is held', subscription_id
                 USING ERRCODE = 'lock_not_available';
         END IF;
-    ELSE
-        PERFORM pg_advisory_xact_lock(hashtextextended('pubsub ordering ' || subscription_id, 0));
     END IF;
 END $$;
 
@@ -64,25 +72,12 @@ END $$;
 CREATE FUNCTION pubsub_lock_keys(subscription_id text, keys uuid[], nowait boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    key uuid;
 BEGIN
-    IF cardinality(keys) > 128 THEN
-        PERFORM pubsub_lock_ordering(subscription_id, nowait);
-        RETURN;
+    PERFORM pubsub_lock_ordering(subscription_id, nowait, shared => cardinality(keys) <= 128);
+    IF cardinality(keys) <= 128 THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(subscription_id || ' ' || k::text, 0))
+        FROM unnest(keys) AS k ORDER BY k;
     END IF;
-    IF nowait THEN
-        IF NOT pg_try_advisory_xact_lock_shared(hashtextextended('pubsub ordering ' || subscription_id, 0))
-        THEN
-            RAISE EXCEPTION 'the ordering lock of subscription % is held', subscription_id
-                USING ERRCODE = 'lock_not_available';
-        END IF;
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(hashtextextended('pubsub ordering ' || subscription_id, 0));
-    END IF;
-    FOR key IN SELECT k FROM unnest(keys) AS k ORDER BY k LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended(subscription_id || ' ' || key::text, 0));
-    END LOOP;
 END $$;
 
 -- A keyed message enters the queue: published (its keys locked), or redriven from the DLQ (the
@@ -199,7 +194,7 @@ def downgrade():
     op.execute(
         "DROP FUNCTION pubsub_ordering_enter(), pubsub_ordering_leave(), pubsub_ordering_deleted(),"
         " pubsub_ordering_next(text, uuid[]), pubsub_lock_keys(text, uuid[], boolean),"
-        " pubsub_lock_ordering(text, boolean)"
+        " pubsub_lock_ordering(text, boolean, boolean)"
     )
     op.drop_index("ix_subscription_messages_ordering", table_name=TABLE)
     # What waited behind a key is simply available: without keys there is no order to keep.
