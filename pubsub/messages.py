@@ -105,7 +105,8 @@ def token_params(token: TokenRef | None) -> dict:
 # wait behind its key's earlier messages. `ordered` first takes the locks of the keys published to,
 # subscription by subscription in id order, each one's keys in key order, so that statements
 # taking several cannot deadlock; the INSERT's one-time filter on it runs before any row is
-# inserted. Without ordered subscriptions it reads nothing. NOWAIT: a subscription locked
+# inserted. Without ordered subscriptions it reads nothing: the keys are a subquery per ordered
+# subscription, not a join that every publish would run. NOWAIT: a subscription locked
 # exclusively fails the statement at once (LockNotAvailable), as the FOR KEY SHARE does; a key
 # lock is waited for (an ack or publish of that key committing).
 ORDERING_KEY = "CAST(md5(CAST(NULLIF(published.payload -> subs.ordering_key, 'null') AS text)) AS uuid)"
@@ -142,13 +143,13 @@ WITH revoked AS MATERIALIZED (
          jsonb_array_elements(b.batch) WITH ORDINALITY AS m (payload, n)
 ), ordered AS MATERIALIZED (
     SELECT pubsub_lock_keys(o.id, o.keys, {nowait}) FROM (
-        SELECT subs.id, array_agg(DISTINCT {ORDERING_KEY}) FILTER (WHERE {ORDERING_KEY} IS NOT NULL) AS keys
-        FROM published JOIN requests ON requests.k = published.k
-        JOIN subs ON subs.topic_id = requests.topic_id
-        WHERE subs.ordering_key IS NOT NULL
-        GROUP BY subs.id ORDER BY subs.id
+        SELECT subs.id, ARRAY(
+            SELECT DISTINCT {ORDERING_KEY} FROM published JOIN requests ON requests.k = published.k
+            WHERE requests.topic_id = subs.topic_id AND {ORDERING_KEY} IS NOT NULL
+        ) AS keys
+        FROM subs WHERE subs.ordering_key IS NOT NULL ORDER BY subs.id
     ) AS o
-    WHERE o.keys IS NOT NULL
+    WHERE cardinality(o.keys) > 0
 ), inserted AS (
     INSERT INTO subscription_messages (subscription_id, id, payload, state, available_at, ordering_key)
     SELECT subs.id, published.id, published.payload, {AVAILABLE}, coalesce(requests.available_at, now()),
