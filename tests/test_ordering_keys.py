@@ -390,3 +390,45 @@ def test_claim_ack_and_publish_read_only_their_rows_behind_busy_keys(api, app, d
     assert ack_reads["ix_subscription_messages_ordering"] <= 4 * BUSY_KEYS, ack_reads
     assert ack_reads["ix_subscription_messages_claim"] == 0, ack_reads
     assert publish_reads["ix_subscription_messages_ordering"] <= 3, publish_reads
+
+
+def test_publishes_and_acks_sharing_keys_of_two_ordered_subscriptions_never_deadlock(api, app):
+    """Publishes whose batches reach two ordered subscriptions' keys in opposite orders, and acks
+    of those keys, all at once: each statement takes its locks subscription by subscription and
+    key by key in one order, so none waits on another in a cycle (PostgreSQL would abort one
+    with a deadlock error: a 5xx here)."""
+    api.create_topic("orders")
+    api.create_subscription("s1", "orders", ordering_key="customer", filter={"to": ["s1", "both"]})
+    api.create_subscription("s2", "orders", ordering_key="customer", filter={"to": ["s2", "both"]})
+    statuses: list[int] = []
+    keys = [f"k{n}" for n in range(6)]
+
+    def publish(worker: int) -> None:
+        client = app.test_client()
+        for n in range(40):
+            order = keys if (worker + n) % 2 else keys[::-1]
+            batch = [
+                {"customer": key, "to": ("s1", "s2", "both")[(i + worker) % 3]} for i, key in enumerate(order)
+            ]
+            statuses.append(client.post(PUBLISH, json=batch).status_code)
+
+    def consume(subscription: str) -> None:
+        client = app.test_client()
+        for _ in range(80):
+            batch = client.get(f"/subscriptions/{subscription}/messages?consumer_id=c&batch_size=10").json[
+                "data"
+            ]
+            if batch:
+                statuses.append(
+                    client.post(f"/subscriptions/{subscription}/acks", json=ids_of(batch)).status_code
+                )
+
+    threads = [threading.Thread(target=publish, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=consume, args=(s,)) for s in ("s1", "s2", "s1", "s2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not any(thread.is_alive() for thread in threads)
+    assert set(statuses) == {204}, sorted(set(statuses))
+    assert statuses.count(204) >= 4 * 40
