@@ -533,7 +533,35 @@ def assert_retried_first(history: History, abandoned: list[Delivery]) -> None:
             assert (after[0].message_id, after[0].attempts) == (first.message_id, first.attempts + 1), (
                 first,
                 after[0],
+                key_timeline(history, first.subscription, key),
             )
+
+
+def key_timeline(history: History, subscription: str, key: object) -> list[str]:
+    """What happened to one key's messages, in time order, to read when a check fails."""
+    info = history.subscriptions[subscription]
+    ids = {
+        d.message_id
+        for d in history.deliveries
+        if d.subscription == subscription and d.payload.get(info.ordering_key) == key
+    }
+    events = [
+        (d.t0, f"{d.t0:.3f}-{d.t1:.3f} claimed {d.message_id[:8]} attempt {d.attempts} by {d.consumer}")
+        for d in history.deliveries
+        if d.message_id in ids
+    ]
+    for kind, calls in (("settle", history.settles), ("extend", history.extends)):
+        for call in calls:
+            named = [m[:8] for m in call.message_ids if m in ids]
+            if named:
+                what = getattr(call, "kind", kind)
+                events.append(
+                    (
+                        call.t0,
+                        f"{call.t0:.3f}-{call.t1:.3f} {what} {named} by {call.consumer} -> {call.status}",
+                    )
+                )
+    return [text for _, text in sorted(events)]
 
 
 # --- Scenario 1: concurrent consumers and producers --------------------------------------------
