@@ -390,6 +390,7 @@ def test_claim_ack_and_publish_read_only_their_rows_behind_busy_keys(api, app, d
     assert ack_reads["ix_subscription_messages_ordering"] <= 4 * BUSY_KEYS, ack_reads
     assert ack_reads["ix_subscription_messages_claim"] == 0, ack_reads
     assert publish_reads["ix_subscription_messages_ordering"] <= 3, publish_reads
+    assert publish_reads["ix_subscription_messages_claim"] == 0, publish_reads
 
 
 def test_publishes_and_acks_sharing_keys_of_two_ordered_subscriptions_never_deadlock(api, app):
