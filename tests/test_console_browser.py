@@ -86,11 +86,15 @@ class Page:
         return self.css(selector).text
 
     def until_text(self, selector: str, expected: str) -> None:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
 
         def has(driver):
             elements = driver.find_elements(By.CSS_SELECTOR, selector)
-            return bool(elements) and expected in elements[0].text
+            try:
+                return bool(elements) and expected in elements[0].text
+            except StaleElementReferenceException:  # the page it was on went away meanwhile: look again
+                return False
 
         self.wait.until(has, f"{expected!r} never appeared in {selector}")
 
