@@ -43,6 +43,7 @@ from flask_migrate import upgrade
 from pubsub import create_app, db, messages
 from pubsub.errors import DATABASE_TIMED_OUT
 from pubsub.listener import Listener
+from pubsub.settings import ConfigError
 from tests.history import (
     ANOMALIES,
     Consumer,
@@ -138,6 +139,19 @@ def test_a_multihost_url_reaches_libpq_as_host_and_port_lists(url, hosts, ports,
 )
 def test_other_urls_go_through_unchanged(url):
     assert db.psycopg_url(url) == url.replace("postgresql://", "postgresql+psycopg://")
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "DATABASE_LISTEN_URL"])
+def test_a_multihost_url_with_an_ipv6_address_stops_start_up_without_printing_it(monkeypatch, name):
+    monkeypatch.setenv(f"PUBSUB_{name}", "postgresql://u:secret@[::1]:5432,db2:5432/x")
+    with pytest.raises(ConfigError, match=f"PUBSUB_{name} lists several hosts") as refused:
+        create_app()
+    assert "secret" not in str(refused.value)
+
+
+def test_one_ipv6_host_is_still_accepted(monkeypatch):
+    monkeypatch.setenv("PUBSUB_DATABASE_URL", "postgresql://u@[::1]:5432/x")
+    assert create_app().config["DATABASE_URL"] == "postgresql://u@[::1]:5432/x"
 
 
 # --- A primary, its synchronous standby, and the server on both ---------------------------------
