@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -246,5 +247,14 @@ def kill_postmaster(cluster: TempCluster) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs([postmaster, *children], timeout=10)
+    # Dead once gone or a zombie: whoever reaps orphans here (pid 1) may take a second to.
+    deadline = time.monotonic() + 10
+    for process in [postmaster, *children]:
+        while time.monotonic() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
     (cluster.pgdata / "postmaster.pid").unlink(missing_ok=True)
