@@ -439,6 +439,10 @@ def test_failover_under_load_loses_nothing_acknowledged_with_a_synchronous_stand
     assert not [c for c in failed if c.t1 < killed], short([c for c in failed if c.t1 < killed])
     late = [c for c in failed if c.t0 > ready + 0.5]
     assert not late, short(late)
+    # Readiness followed: 503 while no host took writes, 200 again once the new primary did.
+    probes = [c for c in calls if c.client == "probe"]
+    assert [c.status for c in probes if dead <= c.t0 and c.t1 <= promoting].count(503) >= 3, probes[-20:]
+    assert any(c.status == 200 for c in probes if c.t0 > ready), probes[-20:]
     # Publishes and acks answered 2xx after the switch (and were part of the checker's lost and
     # acked-twice checks).
     assert any(p.outcome == "ok" and p.t0 > ready for p in history.publishes)
