@@ -2,12 +2,14 @@
 
 import logging
 import os
+import re
 import select
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import sqlalchemy as sa
@@ -18,11 +20,39 @@ _engine_lock = threading.Lock()
 
 
 def psycopg_url(url: str) -> str:
-    """Accept postgresql:// and postgres:// URLs; SQLAlchemy needs the psycopg 3 driver named."""
+    """Accept postgresql:// and postgres:// URLs; SQLAlchemy needs the psycopg 3 driver named.
+    libpq's multi-host form (host1:port1,host2:port2) becomes SQLAlchemy's (multihost_url)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
+            url = "postgresql+psycopg://" + url[len(prefix) :]
+            break
+    return multihost_url(url)
+
+
+def multihost_url(url: str) -> str:
+    """libpq's multi-host URL, `postgresql://user@host1:port1,host2:port2/db?target_session_attrs=
+    read-write` (what a failover setup hands out), in the form SQLAlchemy parses: its make_url
+    takes `host1:port1,host2:port2` for one host with a bad port and raises. The hosts move to
+    `host` query parameters, one per host, in order, which the psycopg dialect joins back into
+    libpq's host= and port= lists. A host without a port gets libpq's default, 5432, since the
+    dialect wants all or none. Any other URL is returned as it is."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or "," not in hosts:
+        return url
+    path, question, query = tail.partition("?")
+    if not slash:  # postgresql://h1,h2?x: no database, the query right after the hosts
+        hosts, question, query = hosts.partition("?")
+    parts = []
+    for host in hosts.split(","):
+        if not host:
+            continue
+        if not re.search(r":\d+$", host):  # no port (an IPv6 address in brackets ends in "]")
+            host += ":5432"
+        parts.append("host=" + quote(host, safe="[]:"))
+    query = "&".join([*parts, *([query] if query else [])])
+    return f"{scheme}://{userinfo}{at}/{path}?{query}"
 
 
 def start_embedded(instance_path: str) -> str:

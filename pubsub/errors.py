@@ -144,6 +144,19 @@ def unavailable_detail(error: Exception) -> tuple[str, ...]:
     return ()
 
 
+# A server that takes no writes (25006 read_only_sql_transaction): a hot standby, or a primary
+# being demoted, reached through a multi-host DATABASE_URL without target_session_attrs=read-write
+# during a failover. The statement did nothing: a 503 whose retry finds the new primary.
+READ_ONLY_SQLSTATE = "25006"
+
+
+def handle_internal_error(error: Exception):
+    orig = getattr(error, "orig", error)
+    if getattr(orig, "sqlstate", None) == READ_ONLY_SQLSTATE:
+        return handle_database_unavailable(error)
+    return handle_unexpected(error)
+
+
 def handle_unexpected(error: Exception):
     log.exception("unhandled error")
     return error_response(500, "internal server error")
@@ -159,4 +172,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(psycopg.DataError, handle_data_error)
     app.register_error_handler(psycopg.OperationalError, handle_database_unavailable)
     app.register_error_handler(psycopg.InterfaceError, handle_database_unavailable)
+    app.register_error_handler(sqlalchemy.exc.InternalError, handle_internal_error)
+    app.register_error_handler(psycopg.errors.ReadOnlySqlTransaction, handle_database_unavailable)
     app.register_error_handler(Exception, handle_unexpected)

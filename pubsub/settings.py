@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     """A setting has a value the service cannot start with."""
 
 
+def lists_ipv6_among_hosts(url: str | None) -> bool:
+    """Whether a URL names several hosts (host1:port1,host2:port2), one of them [IPv6]."""
+    netloc = (url or "").partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    hosts = netloc.rpartition("@")[2]
+    return "," in hosts and "[" in hosts
+
+
 def setting_names() -> list[str]:
     return [name for name in vars(defaults) if name.isupper()]
 
@@ -139,6 +146,16 @@ def check_config(config: dict[str, Any]) -> None:
         "must start with postgresql:// or postgresql+psycopg://, or be unset (DATABASE_URL's)",
         secret=True,  # it may hold a password
     )
+    # libpq's multi-host form reaches SQLAlchemy as host:port pairs (pubsub.db.multihost_url),
+    # which cannot hold a bracketed IPv6 address: refused here rather than on the first request.
+    for name in ("DATABASE_URL", "DATABASE_LISTEN_URL"):
+        require(
+            not lists_ipv6_among_hosts(config[name]),
+            name,
+            "lists several hosts, one an IPv6 address in brackets, which SQLAlchemy cannot take"
+            " in a multi-host URL: give that host a name",
+            secret=True,  # it may hold a password
+        )
     require(
         isinstance(config["DATABASE_PREPARED_STATEMENTS"], bool),
         "DATABASE_PREPARED_STATEMENTS",

@@ -11,9 +11,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import quote
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -172,3 +174,87 @@ class TempCluster:
 
     def __exit__(self, *exc_info) -> None:
         self.cleanup()
+
+
+# --- Replication: a primary and its hot standby, for failover tests (tests/test_failover.py) ---
+
+
+def set_system(cluster: TempCluster, setting: str, value: str) -> None:
+    """ALTER SYSTEM SET a setting and reload the configuration (no restart)."""
+    with psycopg.connect(cluster.url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(setting), sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
+
+
+class StandbyCluster(TempCluster):
+    """A hot standby of `primary`: a base backup of it (pg_basebackup -R: standby.signal and
+    primary_conninfo written for us), streaming from it, named `name` (cluster_name, which the
+    WAL receiver gives as its application_name: what synchronous_standby_names matches). The
+    backup copies the primary's postgresql.auto.conf too, so settings made there with ALTER
+    SYSTEM before the backup (synchronous_standby_names) are the standby's once it is promoted."""
+
+    def __init__(self, primary: TempCluster, name: str = "standby1"):
+        self.bin_dir = primary.bin_dir
+        self.user = primary.user
+        self.name = name
+        self.dir = Path(tempfile.mkdtemp(prefix="pubsub-pgstandby-"))
+        self.pgdata = self.dir / "pgdata"
+        self.logfile = self.dir / "postgres.log"
+        self.port = free_port()
+        try:
+            if self.user is not None:
+                make_traversable(self.dir)
+                os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+            self.run(
+                "pg_basebackup",
+                "-D", str(self.pgdata),
+                "-h", "127.0.0.1",
+                "-p", str(primary.port),
+                "-U", "postgres",
+                "-R",  # standby.signal and primary_conninfo
+                "-X", "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            )  # fmt: skip
+            with open(self.pgdata / "postgresql.conf", "a") as conf:
+                # The copied file names the primary's port: the last setting wins.
+                conf.write(f"port = {self.port}\ncluster_name = '{name}'\nhot_standby = on\n")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def promote(self) -> None:
+        """End recovery: the standby becomes a primary that takes writes (pg_ctl waits for it)."""
+        self.pg_ctl("promote")
+
+
+def replication_state(primary: TempCluster) -> list[tuple[str, str, str]]:
+    """(application_name, state, sync_state) of each WAL sender of the primary."""
+    with psycopg.connect(primary.url, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute("SELECT application_name, state, sync_state FROM pg_stat_replication").fetchall()
+
+
+def kill_postmaster(cluster: TempCluster) -> None:
+    """The machine dies: SIGKILL the postmaster and, at once, every process it started
+    (backends, WAL senders, checkpointer), so none of them finishes anything; no shutdown
+    checkpoint, no goodbye to clients or standbys. The stale postmaster.pid is removed, so that
+    cleanup() sees a stopped server."""
+    pid = int((cluster.pgdata / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    children = postmaster.children(recursive=True)
+    for process in [postmaster, *children]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # Dead once gone or a zombie: whoever reaps orphans here (pid 1) may take a second to.
+    deadline = time.monotonic() + 10
+    for process in [postmaster, *children]:
+        while time.monotonic() < deadline:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+    (cluster.pgdata / "postmaster.pid").unlink(missing_ok=True)
