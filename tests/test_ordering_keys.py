@@ -11,11 +11,13 @@ test_history; the claim's reads with a busy key in test_query_plans.
 
 import threading
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from pubsub import messages
+from pubsub import create_app, db, messages
+from tests.conftest import ApiHelper, new_database
 from tests.test_grouping import libpq
 from tests.test_leases import expire, outcomes
 
@@ -233,11 +235,8 @@ def test_deleting_an_ordered_subscription_or_its_topic_removes_every_message(ord
     api.consume("sub")
     assert client.delete("/subscriptions/sub").status_code == 204
     assert client.delete("/topics/orders").status_code == 204
-    with client.application.app_context():
-        from pubsub import db
-
-        with db.connect() as conn:
-            assert conn.exec_driver_sql("SELECT count(*) FROM subscription_messages").scalar() == 0
+    with client.application.app_context(), db.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM subscription_messages").scalar() == 0
 
 
 # --- Concurrency -----------------------------------------------------------------------------------
@@ -346,8 +345,6 @@ def reads_in(conn) -> dict[str, int]:
 def reads_of(action):
     """What `action(conn)` returns, and what it read, in a transaction of its own. The counters
     are the backend's not yet reported, which include earlier transactions': the difference."""
-    from pubsub import db
-
     with db.begin() as conn:
         before = reads_in(conn)
         result = action(conn)
@@ -355,15 +352,31 @@ def reads_of(action):
     return result, {name: after[name] - before[name] for name in after}
 
 
+@pytest.fixture
+def fresh_app(server_url) -> Iterator:
+    """An app on a database of its own, whose statistics only this test makes: the suite's shared
+    database keeps column statistics of earlier tests' subscriptions across TRUNCATE and across an
+    ANALYZE of an empty table, and this test is about its own two states."""
+    with new_database(server_url) as url:
+        app = create_app({"DATABASE_URL": url, "TESTING": True})
+        try:
+            yield app, url
+        finally:
+            db.dispose(app)
+
+
 @pytest.mark.parametrize("statistics", ["analyzed-empty-then-filled", "analyzed-full"])
-def test_claim_ack_and_publish_read_only_their_rows_behind_busy_keys(api, app, database_url, statistics):
+def test_claim_ack_and_publish_read_only_their_rows_behind_busy_keys(fresh_app, statistics):
     """Whatever the statistics say (a table analyzed empty before the burst, or analyzed full),
     claiming the heads reads the claim index's entries of those heads, acking them reads a few
     entries of the ordering index per key, and publishing behind a busy key one or two: never the
     messages waiting behind the keys, never the table sequentially."""
+    app, database_url = fresh_app
+    api = ApiHelper(app.test_client())
     api.create_topic("orders")
     api.create_subscription("sub", "orders", ordering_key="customer")
     with psycopg.connect(libpq(database_url), autocommit=True) as conn:
+        conn.execute("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)")
         conn.execute("ANALYZE subscription_messages")  # empty
     for n in range(PER_KEY):
         api.publish("orders", [{"customer": key, "n": n} for key in range(BUSY_KEYS)])
