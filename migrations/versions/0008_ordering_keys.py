@@ -24,9 +24,9 @@ The triggers' queries are planned once per session and their plans kept (PL/pgSQ
 made while the table was small would read it whole at every row later, until an ANALYZE. With
 sequential scans off for them (a function-level setting), each reads its key's entries of the
 ordering index, whatever the table's size or statistics were at planning time. The promotion
-also has sorts off: the claim index can give a key's waiting messages too, read all of the
-subscription's and sorted by seq, and with statistics taken from an empty table a CI run chose
-that (1,980,000 index entries for an ack of 100); the ordering index gives them in seq order.
+also has sorts off: the claim index could give a key's waiting messages too, by reading all of
+the subscription's and sorting them by seq; the ordering index gives them in seq order, and with
+sorts off it is always the cheaper way.
 
 Revision ID: 0008
 Revises: 0007
