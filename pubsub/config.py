@@ -92,10 +92,11 @@ METRICS_BEARER_TOKEN: str | None = None
 
 # Bounded waits on the database (README, Extensions, "Bounded waits on the database"): a database
 # that stops answering costs each request at most about this long, then a 503 with Retry-After,
-# never a wedged server. Not bounded: a commit waiting for a synchronous standby that is gone
-# (PostgreSQL stops a statement's timer before its commit); /readiness says 503 meanwhile.
-# Every statement of the API's connections (the pool's and the long-poll listener's) is cancelled
-# by PostgreSQL after this many seconds (its statement_timeout; 0: never), which commits nothing.
+# never a wedged server. Every statement of the API's connections (the pool's and the long-poll
+# listener's) is cancelled by PostgreSQL after this many seconds (its statement_timeout; 0:
+# never), which commits nothing. The pool's connections also stop waiting for any answer
+# db.ANSWER_GRACE_SECONDS later (a commit waiting for a synchronous standby that is gone, which
+# PostgreSQL's timer does not cover): a 503 whose outcome is unknown.
 # 30 s: well above the slowest statement the API runs (a chunk of OPERATIONS_CHUNK_ROWS, a full
 # publish batch), and under the 60 s after which gunicorn restarts a worker that seems hung.
 # Long polls wait in Python, not in a statement, and are not cut by it. The cleanup commands and

@@ -113,6 +113,7 @@ def create_engine(app: Flask) -> sa.Engine:
     if config["DATABASE_POOL_PRE_PING"]:
         sa.event.listen(engine, "checkout", check_alive)
     add_pooler_support(engine, config)
+    add_answer_bound(engine, config)  # last: its do_connect listener opens the connection
     return engine
 
 
@@ -207,9 +208,87 @@ def bounded_waits_hook(config) -> Callable:
 
 
 def lift_statement_timeout(conn: sa.Connection) -> None:
-    """No statement timeout for the rest of this transaction: for the cleanup commands and
-    migrations, which may rightly take longer than a request."""
+    """No statement timeout for the rest of this transaction, nor answer bound until the
+    connection goes back to the pool: for the cleanup commands and migrations, which may rightly
+    take longer than a request."""
     conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+    driver = conn.connection.driver_connection
+    if isinstance(driver, BoundedConnection):
+        driver.answer_bound = None
+
+
+# --- The answer bound: a commit that PostgreSQL waits on forever ----------------------------------
+# PostgreSQL stops a statement's timer before it commits, so statement_timeout cannot end a commit
+# that waits for a synchronous standby that is gone (a promoted primary still configured to wait
+# for one): without more, the request, and every publish of its group commit, waits forever. So
+# the pool's connections stop waiting for any answer of the server this long after the statement
+# timeout (by which PostgreSQL has answered any statement that was not committing), cancel what
+# the server is doing, and give up. PostgreSQL answers a cancelled wait for the standby with
+# success and a warning: the transaction committed on this server but no standby confirmed it.
+# Either way the request gets a 503 that says its outcome is unknown, never a 2xx.
+ANSWER_GRACE_SECONDS = 2
+# How long the server has to answer the cancel before the connection is closed.
+CANCEL_WAIT_SECONDS = 3
+DID_NOT_ANSWER = "the database did not answer within the statement timeout"
+
+
+class OutcomeUnknown(psycopg.OperationalError):
+    """The server did not answer a statement within its answer bound: it may have committed (a
+    commit waiting for a synchronous standby is committed locally when cancelled), or not. Like a
+    lost connection: the connection is closed, and the request answers 503 without claiming
+    either outcome."""
+
+
+class BoundedConnection(psycopg.Connection):
+    """A psycopg connection whose every wait for the server ends after `answer_bound` seconds
+    (None: no bound). Every round trip (statements, COMMIT, fetches) goes through wait()."""
+
+    answer_bound: float | None = None
+
+    def wait(self, gen, interval: float = 0.1, timeout: float | None = None):
+        bound = self.answer_bound
+        if bound is None or timeout is not None:
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, bound)
+        except psycopg.errors._WaitTimeout:
+            pass
+        log.warning("%s after %s s: cancelling it and closing the connection", DID_NOT_ANSWER, bound)
+        try:
+            # The cancel may race with the statement's end and hit the next one: the connection
+            # is closed below, whatever comes of it.
+            self.cancel_safe(timeout=CANCEL_WAIT_SECONDS)
+            super().wait(gen, interval, CANCEL_WAIT_SECONDS)
+        except psycopg.Error as error:
+            if not isinstance(error, psycopg.errors._WaitTimeout) and error.sqlstate:
+                # The server's own answer (57014 when the cancel ended the statement: rolled
+                # back, nothing done), on a connection that can no longer be trusted.
+                self.pgconn.finish()
+                raise
+        self.pgconn.finish()
+        raise OutcomeUnknown(f"{DID_NOT_ANSWER}; what it did is unknown")
+
+
+def add_answer_bound(engine: sa.Engine, config) -> None:
+    """The pool opens BoundedConnections with an answer bound derived from the statement timeout
+    (none when that is off), and each goes back to the pool with it (lift_statement_timeout may
+    have lifted it)."""
+    seconds = config["DATABASE_STATEMENT_TIMEOUT_SECONDS"]
+    if not seconds:
+        return
+    bound = seconds + ANSWER_GRACE_SECONDS
+
+    def connect(dialect, connection_record, cargs, cparams) -> BoundedConnection:
+        connection = BoundedConnection.connect(*cargs, **cparams)
+        connection.answer_bound = bound
+        return connection
+
+    def restore(dbapi_connection, connection_record) -> None:
+        if dbapi_connection is not None:
+            dbapi_connection.answer_bound = bound
+
+    sa.event.listen(engine, "do_connect", connect)
+    sa.event.listen(engine, "checkin", restore)
 
 
 def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:

@@ -8,6 +8,8 @@ import sqlalchemy.exc
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from pubsub.db import OutcomeUnknown
+
 log = logging.getLogger(__name__)
 
 # fastpubsub's texts for the same cases, word for word: its clients may match on them.
@@ -46,7 +48,8 @@ class AlreadyExists(PubSubError):
 
 
 class DatabaseUnavailable(PubSubError):
-    """The database cannot be reached: nothing was committed, so the client may safely retry."""
+    """The database cannot be reached or did not answer in time: nothing was committed, so the
+    client may safely retry, unless the detail says the outcome is unknown (OUTCOME_UNKNOWN)."""
 
     status = 503
     headers = {"Retry-After": "1"}
@@ -135,12 +138,23 @@ TIMED_OUT_SQLSTATES = ("57014", "55P03")
 DATABASE_TIMED_OUT = "database did not answer in time; nothing was done, retry later"
 
 
+# A statement the server did not answer within its bound (OutcomeUnknown): it was cancelled
+# and its connection closed, but it may have committed first (a commit waiting for a synchronous
+# standby that is gone is committed on the primary when cancelled).
+OUTCOME_UNKNOWN = (
+    "database did not answer in time; the request may or may not have taken effect: retry it"
+    " (a retried publish may be stored twice unless it has an Idempotency-Key)"
+)
+
+
 def unavailable_detail(error: Exception) -> tuple[str, ...]:
     """The 503's detail for this error, as DatabaseUnavailable's arguments: its own text for a
-    timeout, whose outcome is known, the default otherwise."""
+    timeout, whose outcome is known, or for one whose outcome is unknown; the default otherwise."""
     orig = getattr(error, "orig", error)  # SQLAlchemy wraps psycopg's errors
     if getattr(orig, "sqlstate", None) in TIMED_OUT_SQLSTATES:
         return (DATABASE_TIMED_OUT,)
+    if isinstance(orig, OutcomeUnknown):
+        return (OUTCOME_UNKNOWN,)
     return ()
 
 

@@ -11,6 +11,11 @@ nothing (retry_alone(error) says so), each of its requests runs its item again i
 of its own, outside the group: one request's bad data fails that request only, and a request
 that has to wait (for a lock, say) waits without holding up the group. Any other failure (the
 connection lost, with the commit's outcome unknown) reaches every request of the group.
+
+When a group's statement failed for taking too long (queue_error(error) gives the error to
+answer with), the requests queued behind it get that error at once instead of running their own
+statement: a database that did not answer one statement within its bound would have each of them
+wait as long again, one group after the other, while new requests keep queueing.
 """
 
 import threading
@@ -40,7 +45,8 @@ class GroupCommit(Generic[Item, Result]):
     """run(item) answers with run_group(items)'s result for it (one result per item, in order),
     for groups of at most max_items items and max_size in total size; an item larger than
     max_size goes to run_alone(item) at once, as does each item of a group whose statement failed
-    with an error for which retry_alone(error) is true."""
+    with an error for which retry_alone(error) is true. If queue_error(error) is an error, every
+    item queued behind the failed statement fails with it."""
 
     def __init__(
         self,
@@ -49,10 +55,12 @@ class GroupCommit(Generic[Item, Result]):
         retry_alone: Callable[[Exception], bool],
         max_items: int,
         max_size: int,
+        queue_error: Callable[[Exception], Exception | None] = lambda error: None,
     ) -> None:
         self._run_group = run_group
         self._run_alone = run_alone
         self._retry_alone = retry_alone
+        self._queue_error = queue_error
         self._max_items = max_items
         self._max_size = max_size
         self._lock = threading.Lock()
@@ -80,7 +88,11 @@ class GroupCommit(Generic[Item, Result]):
         try:
             results = self._run_group([w.item for w in group])
         except BaseException as error:
-            self._hand_over()
+            queue_error = self._queue_error(error) if isinstance(error, Exception) else None
+            if queue_error is None:
+                self._hand_over()
+            else:
+                self._fail_queue(queue_error)
             alone = isinstance(error, Exception) and self._retry_alone(error)
             for other in group[1:]:
                 if alone:
@@ -109,6 +121,15 @@ class GroupCommit(Generic[Item, Result]):
                 end += 1
             group, self._queue = self._queue[:end], self._queue[end:]
         return group
+
+    def _fail_queue(self, error: Exception) -> None:
+        """Answer every queued request with error, and let the group go idle."""
+        with self._lock:
+            queue, self._queue = self._queue, []
+            self._running = False
+        for waiter in queue:
+            waiter.error = error
+            waiter.woken.release()
 
     def _hand_over(self) -> None:
         """Wake the first queued request to lead the next statement, or let the group go idle."""

@@ -15,10 +15,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 from pubsub.clients import TokenRef, token_current_sql
+from pubsub.db import OutcomeUnknown
 from pubsub.errors import (
+    DATABASE_TIMED_OUT,
     SUBSCRIPTION_NOT_FOUND,
     TOKEN_REVOKED,
     TOPIC_NOT_FOUND,
+    DatabaseUnavailable,
     NotFound,
     Unauthorized,
     ValidationFailed,
@@ -560,6 +563,16 @@ def retry_group_alone(error: Exception) -> bool:
     surely committed nothing (outcome_known), unless it was cancelled for taking too long, since
     each would then wait as long again; they answer 503 at once instead (nothing was stored)."""
     return outcome_known(error) and getattr(error, "sqlstate", None) != QUERY_CANCELED
+
+
+def group_queue_error(error: Exception) -> Exception | None:
+    """What the requests queued behind a group statement that raised this answer, instead of
+    running statements of their own: when the database did not answer it in time (cancelled by
+    the statement timeout, or no answer within the pool's answer bound), a 503 saying that
+    nothing was done for them, which is true: they never ran. None otherwise: they run."""
+    if getattr(error, "sqlstate", None) == QUERY_CANCELED or isinstance(error, OutcomeUnknown):
+        return DatabaseUnavailable(DATABASE_TIMED_OUT)
+    return None
 
 
 # Claims in one consume: each further one dead-letters at least one lapsed lease.

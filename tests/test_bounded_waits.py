@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 from pubsub import create_app, db, messages
 from pubsub.blueprints.health import READINESS_TIMEOUT_SECONDS
-from pubsub.errors import DATABASE_TIMED_OUT
+from pubsub.errors import DATABASE_TIMED_OUT, OUTCOME_UNKNOWN
 from pubsub.listener import Listener
 from tests.pgcluster import TempCluster
 from tests.test_serve import free_port, request, serve_env, serving, wait_until_live
@@ -171,7 +171,10 @@ def test_every_connection_has_the_statement_timeout_and_its_name(timed_app):
         assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == f"{TIMEOUT}s"
         assert conn.exec_driver_sql("SHOW application_name").scalar() == db.APPLICATION_NAME
         assert conn.exec_driver_sql("SHOW TimeZone").scalar() == "UTC"
-        info = conn.connection.driver_connection.info
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, db.BoundedConnection)
+        assert driver.answer_bound == TIMEOUT + db.ANSWER_GRACE_SECONDS
+        info = driver.info
         assert info.get_parameters()["keepalives_idle"] == str(db.TCP_PARAMETERS["keepalives_idle"])
     with Listener(timed_app).connect() as conn:
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == f"{TIMEOUT}s"
@@ -193,7 +196,8 @@ def test_cleanup_commands_are_not_cut_by_the_statement_timeout(timed_app, databa
     for command, table in [("cleanup-acked", "acked_messages"), ("cleanup-stuck", "subscription_messages")]:
         with psycopg.connect(plain_url(database_url)) as conn:
             conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-            release = threading.Timer(TIMEOUT + 1, conn.rollback)  # longer than the timeout
+            # Longer than the statement timeout and the answer bound.
+            release = threading.Timer(TIMEOUT + db.ANSWER_GRACE_SECONDS + 1, conn.rollback)
             release.start()
             try:
                 result = runner.invoke(args=["pubsub", command])
@@ -260,8 +264,9 @@ def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_s
 
 
 # Commits that wait for a synchronous standby that is gone (the issue's failover by hand): the
-# statement timeout does not cut them (PostgreSQL stops a statement's timer before its commit),
-# but readiness, whose probe commits, says 503 within its bound.
+# statement timeout does not cut them (PostgreSQL stops a statement's timer before its commit);
+# the pool's answer bound does, and says the outcome is unknown, since the commit took place on
+# the primary.
 
 
 @pytest.fixture(scope="module")
@@ -276,25 +281,170 @@ def set_synchronous_standby(cluster: TempCluster, names: str) -> None:
         conn.execute("SELECT pg_reload_conf()")
 
 
-@pytest.mark.slow
-def test_readiness_answers_503_while_commits_wait_for_a_missing_synchronous_standby(cluster):
-    url = cluster.create_database("pubsub_bounded")
-    app = create_app({"DATABASE_URL": url, "TESTING": True})
+@contextmanager
+def standby_missing(cluster: TempCluster) -> Iterator[None]:
+    """Every commit that writes waits for a synchronous standby that does not exist."""
+    set_synchronous_standby(cluster, "gone")
+    time.sleep(0.5)  # the reload takes effect
+    try:
+        yield
+    finally:
+        set_synchronous_standby(cluster, "")  # releases every commit still waiting
+
+
+# A request whose commit waits answers after its answer bound (the statement timeout plus the
+# grace), once the cancel has come back; one queued behind a group statement, after two.
+ANSWER_BOUND = TIMEOUT + db.ANSWER_GRACE_SECONDS
+UNKNOWN = {"detail": OUTCOME_UNKNOWN}
+
+
+def migrate(url: str, **settings):
+    """An app on the database at url, which this migrates to the newest schema."""
+    app = create_app({"DATABASE_URL": url, "TESTING": True, **settings})
     with app.app_context():
         upgrade()
+    return app
+
+
+def answered_within(seconds: float, call):
+    """timed(call), failing the test if it has no answer within `seconds` (instead of hanging it:
+    the waiting commits end with the test's standby_missing block)."""
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(timed(call)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert answer, f"no answer within {seconds} s"
+    return answer[0]
+
+
+@pytest.mark.slow
+def test_requests_answer_503_outcome_unknown_while_commits_wait_for_a_missing_synchronous_standby(cluster):
+    url = cluster.create_database("pubsub_bounded")
+    app = migrate(url, DATABASE_STATEMENT_TIMEOUT_SECONDS=TIMEOUT)
     client = app.test_client()
     try:
+        assert client.post("/topics", json={"id": "orders"}).status_code == 201
+        assert client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"}).status_code == 201
+        assert client.post("/topics/orders/messages", json=[{"n": 0}]).status_code == 204
+        consume = "/subscriptions/sub/messages?consumer_id=c&batch_size=10"
+        leased = client.get(consume).json["data"]
         assert client.get("/readiness").status_code == 200
-        set_synchronous_standby(cluster, "gone")
-        time.sleep(0.5)  # the reload takes effect
-        response, elapsed = timed(lambda: client.get("/readiness"))
-        assert response.status_code == 503, (response.json, elapsed)
-        assert response.headers["Retry-After"] == "1"
-        assert elapsed < READINESS_TIMEOUT_SECONDS + 1.5, f"answered after {elapsed:.1f}s"
-        assert client.get("/liveness").status_code == 200
+        answers: dict[int, tuple[int, str, float]] = {}
+
+        def publish(n: int) -> None:
+            own = app.test_client()
+            response, elapsed = timed(lambda: own.post("/topics/orders/messages", json=[{"n": n}]))
+            answers[n] = (response.status_code, response.json["detail"], elapsed)
+
+        with standby_missing(cluster):
+            for call in [
+                lambda: client.post("/topics/orders/messages", json=[{"n": 1}]),  # the group commit
+                lambda: client.post(
+                    "/topics/orders/messages", json=[{"n": 2}], headers={"Prefer": "return=representation"}
+                ),
+                lambda: client.get(consume),
+                lambda: client.post("/subscriptions/sub/acks", json=[leased[0]["id"]]),
+                lambda: client.post("/topics", json={"id": "invoices"}),  # a transaction's COMMIT
+            ]:
+                response, elapsed = answered_within(ANSWER_BOUND + 5, call)
+                assert (response.status_code, response.json) == (503, UNKNOWN), elapsed
+                assert response.headers["Retry-After"] == "1"
+                assert ANSWER_BOUND - 0.1 < elapsed < ANSWER_BOUND + 2.5, f"answered after {elapsed:.1f}s"
+            response, elapsed = timed(lambda: client.get("/readiness"))
+            assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+            assert elapsed < READINESS_TIMEOUT_SECONDS + 1.5, f"answered after {elapsed:.1f}s"
+            assert client.get("/liveness").status_code == 200
+
+            # One stuck commit does not hold the others forever: 12 publishes at once, all
+            # answered within two bounds (a group's, then the next group's).
+            threads = [threading.Thread(target=publish, args=(n,)) for n in range(10, 22)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(2 * ANSWER_BOUND + 10)
+            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+        # A group's statement answers "unknown"; the publishes queued behind it "nothing was
+        # done", at once, instead of each group waiting in turn.
+        assert sorted(answers) == list(range(10, 22))
+        assert {(status, detail) for status, detail, _ in answers.values()} <= {
+            (503, OUTCOME_UNKNOWN),
+            (503, DATABASE_TIMED_OUT),
+        }
+        unknown = {n for n, (_, detail, _) in answers.items() if detail == OUTCOME_UNKNOWN}
+        slowest = max(elapsed for _, _, elapsed in answers.values())
+        assert slowest < 2 * ANSWER_BOUND + 2.5, f"the slowest publish answered after {slowest:.1f}s"
+
+        # Both answers are honest: each "unknown" commit took place on the primary, unconfirmed,
+        # and nothing of a "nothing was done" is stored.
+        with psycopg.connect(url) as conn:
+            stored = {n for (n,) in conn.execute("SELECT (payload->>'n')::int FROM subscription_messages")}
+            topics = {id for (id,) in conn.execute("SELECT id FROM topics")}
+        assert stored == {1, 2, *unknown}  # n=0 acked
+        assert topics == {"orders", "invoices"}
+
+        deadline = time.monotonic() + 5
+        while client.get("/readiness").status_code != 200:
+            assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
+        assert client.post("/topics/orders/messages", json=[{"n": 3}]).status_code == 204
+        # n=1 and 2 stay leased: the consume that answered "unknown" leased them on the primary.
+        everything = client.get("/subscriptions/sub/messages?consumer_id=c&batch_size=100").json["data"]
+        assert {m["payload"]["n"] for m in everything} == {3, *unknown}
     finally:
-        set_synchronous_standby(cluster, "")  # releases the waiting commit of the probe
-    deadline = time.monotonic() + 5
-    while client.get("/readiness").status_code != 200:
-        assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
-    db.dispose(app)
+        db.dispose(app)
+
+
+@pytest.mark.slow
+def test_a_served_app_answers_every_publish_while_commits_wait_for_a_missing_synchronous_standby(
+    cluster, tmp_path
+):
+    # The issue's failover by hand: two workers, every publish thread of both queued behind a
+    # group-commit leader whose commit waits for the standby, and /readiness silent for minutes.
+    url = cluster.create_database("pubsub_bounded_served")
+    db.dispose(migrate(url))
+    port, log = free_port(), tmp_path / "serve.log"
+    env = serve_env(
+        DATABASE_URL=url,
+        API_PORT=str(port),
+        API_NUM_WORKERS="2",
+        API_NUM_THREADS="4",
+        DATABASE_STATEMENT_TIMEOUT_SECONDS=str(TIMEOUT),
+    )
+    with serving(env, log) as process:
+        wait_until_live(process, port, log)
+        assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+        assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+        answers: list[tuple[int, object, float]] = []
+
+        def publish(n: int) -> None:
+            started = time.monotonic()
+            status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
+            answers.append((status, body, time.monotonic() - started))
+
+        with standby_missing(cluster):
+            threads = [threading.Thread(target=publish, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)  # every work slot of both workers now waits on a commit
+            started = time.monotonic()
+            assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
+            assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
+            started = time.monotonic()
+            assert request(port, "GET", "/readiness")[0] == 503
+            assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
+            for thread in threads:
+                thread.join(4 * ANSWER_BOUND + 10)
+            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+
+        # Eight publishes, four work slots per worker: at most two turns of a worker's slots, in
+        # each a group statement that answers "unknown", and the publishes queued behind it in
+        # its worker "nothing was done" at once (before, each waited for a statement of its own).
+        assert {(status, body["detail"]) for status, body, _ in answers} <= {
+            (503, OUTCOME_UNKNOWN),
+            (503, DATABASE_TIMED_OUT),
+        }
+        assert len(answers) == 8
+        assert max(elapsed for _, _, elapsed in answers) < 2 * ANSWER_BOUND + 2.5
+        assert request(port, "POST", "/topics/orders/messages", [{"n": 9}])[0] == 204
+        deadline = time.monotonic() + 5
+        while request(port, "GET", "/readiness")[0] != 200:
+            assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"

@@ -161,6 +161,27 @@ def test_when_the_outcome_of_a_shared_statement_is_unknown_every_item_fails_with
     assert (len(runs.statements), runs.alone) == (2, [])
 
 
+def test_items_queued_behind_a_statement_that_took_too_long_fail_at_once_without_running():
+    class TookTooLong(Exception):
+        pass
+
+    runs = Runs(bad=[1], error=TookTooLong)
+    gave_up = ValueError("nothing was done")
+    group = GroupCommit(
+        runs.run_group,
+        runs.run_alone,
+        lambda error: False,
+        10,
+        100,
+        lambda error: gave_up if isinstance(error, TookTooLong) else None,
+    )
+    answers = run_in_threads(group, runs, 1, [2, 3, 4])
+    assert isinstance(answers.pop(1), TookTooLong)
+    assert answers == {2: gave_up, 3: gave_up, 4: gave_up}
+    assert (runs.statements, runs.alone) == ([[1]], [])
+    assert group.run(5) == 50  # and the group goes on
+
+
 def test_a_lone_item_whose_statement_failed_runs_alone_once_more_and_the_group_goes_on():
     runs = Runs(bad=[3])
     runs.release.set()

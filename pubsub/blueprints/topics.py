@@ -227,6 +227,7 @@ def publish_grouped(
                 messages.retry_group_alone,
                 PUBLISH_GROUP_MAX_REQUESTS,
                 PUBLISH_GROUP_MAX_BYTES,
+                messages.group_queue_error,
             ),
         )
     db.run_all_pending()  # the statement may run on another request's connection
