@@ -7,6 +7,7 @@ answering, with DATABASE_STATEMENT_TIMEOUT_SECONDS at 1.
 """
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -296,6 +297,7 @@ def standby_missing(cluster: TempCluster) -> Iterator[None]:
 # grace), once the cancel has come back; one queued behind a group statement, after two.
 ANSWER_BOUND = TIMEOUT + db.ANSWER_GRACE_SECONDS
 UNKNOWN = {"detail": OUTCOME_UNKNOWN}
+CONNECT_TIMEOUT = 5  # libpq's connect_timeout of the pool's connections (db.create_engine)
 
 
 def migrate(url: str, **settings):
@@ -448,3 +450,94 @@ def test_a_served_app_answers_every_publish_while_commits_wait_for_a_missing_syn
         deadline = time.monotonic() + 5
         while request(port, "GET", "/readiness")[0] != 200:
             assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
+
+
+# A network that goes silent between the API and the database: bytes sent are acknowledged (by
+# the relay's kernel) but never delivered, so neither TCP keepalives nor tcp_user_timeout notice
+# it; only the answer bound ends the wait.
+
+
+class SilentNetwork:
+    """A TCP relay to a database port that can go silent: while `silent`, the bytes of either
+    direction are read and dropped, and new connections are accepted and never relayed."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.silent = False
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.silent:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets.append(upstream)
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.relay, args=(source, target), daemon=True).start()
+
+    def relay(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.silent:
+                    target.sendall(data)
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_requests_answer_503_when_the_network_to_the_database_goes_silent(cluster):
+    url = cluster.create_database("pubsub_silent")
+    db.dispose(migrate(url))
+    network = SilentNetwork(cluster.port)
+    relayed = url.replace(f":{cluster.port}/", f":{network.port}/")
+    app = create_app(
+        {"DATABASE_URL": relayed, "TESTING": True, "DATABASE_STATEMENT_TIMEOUT_SECONDS": TIMEOUT}
+    )
+    client = app.test_client()
+    try:
+        assert client.post("/topics", json={"id": "orders"}).status_code == 201
+        assert client.post("/subscriptions", json={"id": "sub", "topic_id": "orders"}).status_code == 201
+        consume = "/subscriptions/sub/messages?consumer_id=c&batch_size=10"
+        network.silent = True
+        # The answer bound, then the cancel (which the silent network swallows too) given up.
+        bound = ANSWER_BOUND + db.CANCEL_WAIT_SECONDS
+        response, elapsed = answered_within(
+            bound + 5, lambda: client.post("/topics/orders/messages", json=[{"n": 1}])
+        )
+        assert (response.status_code, response.json) == (503, UNKNOWN), elapsed
+        assert response.headers["Retry-After"] == "1"
+        assert elapsed < bound + 2.5, f"answered after {elapsed:.1f}s"
+        # The closed connection had the pool replace the others, so the consume needs a new
+        # one: a connect that the silent network never answers, given up after connect_timeout.
+        response, elapsed = answered_within(bound + 5, lambda: client.get(consume))
+        assert (response.status_code, response.headers["Retry-After"]) == (503, "1")
+        assert response.json["detail"] in (OUTCOME_UNKNOWN, "database is unavailable")
+        assert elapsed < max(bound, CONNECT_TIMEOUT) + 2.5, f"answered after {elapsed:.1f}s"
+        response, elapsed = answered_within(5, lambda: client.get("/readiness"))
+        assert response.status_code == 503
+        assert elapsed < READINESS_TIMEOUT_SECONDS + 1.5, f"answered after {elapsed:.1f}s"
+
+        network.silent = False  # new connections get through again; the stuck ones were closed
+        deadline = time.monotonic() + bound + 5  # the readiness probe's own wait ends first
+        while client.get("/readiness").status_code != 200:
+            assert time.monotonic() < deadline, "not ready after the network came back"
+        assert client.post("/topics/orders/messages", json=[{"n": 2}]).status_code == 204
+        assert [m["payload"]["n"] for m in client.get(consume).json["data"]] == [2]
+    finally:
+        network.silent = False
+        db.dispose(app)
+        network.close()

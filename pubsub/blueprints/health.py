@@ -68,7 +68,8 @@ class ProbeRun:
 class ReadinessProbe:
     """Probes of the database, one at a time per process, each in a thread of its own: a request
     waits for the probe at most READINESS_TIMEOUT_SECONDS; a probe stuck in the database runs on
-    until its statement times out (DATABASE_STATEMENT_TIMEOUT_SECONDS), and the requests that
+    until its statement times out (DATABASE_STATEMENT_TIMEOUT_SECONDS), or its commit or the
+    server's answer outlives the pool's answer bound (db.BoundedConnection), and the requests that
     arrive meanwhile wait for that same probe, so a hung database costs one thread and one
     connection, however often it is probed."""
 
