@@ -416,8 +416,9 @@ def test_503s_beyond_max_retries_raise_a_server_error(script):
 def test_a_publish_is_never_sent_twice_after_a_503(script):
     """The server's 503 may follow a commit whose answer the database connection lost."""
     server = script([UNAVAILABLE, RECEIPT])
-    with Client(server.url) as client, pytest.raises(ServerError):
+    with Client(server.url) as client, pytest.raises(ServerError) as caught:
         client.publish("orders", [{"n": 1}])
+    assert caught.value.maybe_stored
     assert len(server.requests) == 1
 
 

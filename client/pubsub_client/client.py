@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from urllib.parse import quote, urlencode, urlsplit
 
-from pubsub_client.errors import AuthError, ConnectionFailedError, PubSubError, error_for
+from pubsub_client.errors import AuthError, ConnectionFailedError, PubSubError, ServerError, error_for
 
 log = logging.getLogger("pubsub_client")
 
@@ -228,8 +228,9 @@ class Client:
         for publish(). Without an idempotency_key, retried only when the request surely did not
         reach the server. With one (sent as the Idempotency-Key header), retried like a read, and
         on a 409 too: the server stores the batch once and answers every repeat (same key, body
-        and delay) with the first one's ids; a ConnectionFailedError then always says
-        maybe_stored (publish again with the same key and body to find out)."""
+        and delay) with the first one's ids. A ServerError says maybe_stored unless the request
+        surely never reached the server (with a key, always: publish again with the same key and
+        body to find out)."""
         query = delay_query(delay_seconds, deliver_at)
         headers = {"Prefer": "return=representation"}
         if idempotency_key is not None:
@@ -243,8 +244,9 @@ class Client:
                 headers=headers,
                 retry_statuses=KEYED_PUBLISH_RETRY_STATUSES,
             )
-        except ConnectionFailedError as error:
-            error.maybe_stored = error.maybe_stored or idempotency_key is not None
+        except ServerError as error:
+            # A 5xx answer may follow a commit too (a 503 whose outcome is unknown, a proxy's 502).
+            error.maybe_stored = error.maybe_stored or idempotency_key is not None or error.status is not None
             raise
         return [receipt["id"] for receipt in answer["data"]]
 

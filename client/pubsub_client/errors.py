@@ -36,7 +36,10 @@ class ConflictError(PubSubError):
 
 
 class ServerError(PubSubError):
-    """5xx, still so after the retries the call allows."""
+    """5xx, still so after the retries the call allows. For a publish, maybe_stored says whether
+    the batch may have been stored: a 5xx may follow a commit (a 503 whose outcome is unknown)."""
+
+    maybe_stored = False
 
 
 class ConnectionFailedError(ServerError):
