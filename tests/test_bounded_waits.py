@@ -217,6 +217,47 @@ def test_a_statement_timeout_can_be_turned_off(make_app):
 # requests that wait on the database must not keep the probes or later requests waiting forever.
 
 
+def create_orders(port: int) -> None:
+    assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
+    assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+
+
+def served_publishes_while_stuck(
+    port: int, count: int, stuck, wait: float
+) -> list[tuple[int, object, float]]:
+    """`count` publishes at once to the app served on port, inside the `stuck` block (which
+    makes the database hang), where /liveness answers at once and /readiness 503 within its bound
+    while every work slot waits; each publish's status, body and time, once all answered."""
+    answers: list[tuple[int, object, float]] = []
+
+    def publish(n: int) -> None:
+        started = time.monotonic()
+        status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
+        answers.append((status, body, time.monotonic() - started))
+
+    with stuck:
+        threads = [threading.Thread(target=publish, args=(n,)) for n in range(count)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)  # every work slot now waits on the database
+        started = time.monotonic()
+        assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
+        assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
+        started = time.monotonic()
+        assert request(port, "GET", "/readiness")[0] == 503
+        assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
+        for thread in threads:
+            thread.join(wait)
+        assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+    return answers
+
+
+def wait_ready(port: int, since: str) -> None:
+    deadline = time.monotonic() + 5
+    while request(port, "GET", "/readiness")[0] != 200:
+        assert time.monotonic() < deadline, f"not ready 5 s after {since}"
+
+
 @pytest.mark.slow
 def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_slot(database_url, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
@@ -229,38 +270,15 @@ def test_a_served_app_answers_503_and_its_probes_while_a_lock_holds_every_work_s
     )
     with serving(env, log) as process:
         wait_until_live(process, port, log)
-        assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
-        assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
+        create_orders(port)
         assert request(port, "GET", "/readiness")[0] == 200
-        answers: list[tuple[int, object, float]] = []
-
-        def publish(n: int) -> None:
-            started = time.monotonic()
-            status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
-            answers.append((status, body, time.monotonic() - started))
-
-        with table_locked(database_url):
-            threads = [threading.Thread(target=publish, args=(n,)) for n in range(4)]
-            for thread in threads:
-                thread.start()
-            time.sleep(0.3)  # both work slots now wait on the lock
-            started = time.monotonic()
-            assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
-            assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
-            started = time.monotonic()
-            assert request(port, "GET", "/readiness")[0] == 503
-            assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
-            for thread in threads:
-                thread.join(4 * BOUND)
-            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+        answers = served_publishes_while_stuck(port, 4, table_locked(database_url), 4 * BOUND)
 
         # Four publishes through two slots, each slot's turn bounded by the timeout.
         assert [(status, body) for status, body, _ in answers] == [(503, TIMED_OUT)] * 4
         assert max(elapsed for _, _, elapsed in answers) < 2 * BOUND
         assert request(port, "POST", "/topics/orders/messages", [{"n": 9}])[0] == 204
-        deadline = time.monotonic() + 5
-        while request(port, "GET", "/readiness")[0] != 200:
-            assert time.monotonic() < deadline, "not ready 5 s after the lock was released"
+        wait_ready(port, "the lock was released")
         assert stored_messages(database_url) == 1
 
 
@@ -413,29 +431,8 @@ def test_a_served_app_answers_every_publish_while_commits_wait_for_a_missing_syn
     )
     with serving(env, log) as process:
         wait_until_live(process, port, log)
-        assert request(port, "POST", "/topics", {"id": "orders"})[0] == 201
-        assert request(port, "POST", "/subscriptions", {"id": "sub", "topic_id": "orders"})[0] == 201
-        answers: list[tuple[int, object, float]] = []
-
-        def publish(n: int) -> None:
-            started = time.monotonic()
-            status, body = request(port, "POST", "/topics/orders/messages", [{"n": n}], timeout=30)
-            answers.append((status, body, time.monotonic() - started))
-
-        with standby_missing(cluster):
-            threads = [threading.Thread(target=publish, args=(n,)) for n in range(8)]
-            for thread in threads:
-                thread.start()
-            time.sleep(0.3)  # every work slot of both workers now waits on a commit
-            started = time.monotonic()
-            assert request(port, "GET", "/liveness") == (200, {"status": "alive"})
-            assert time.monotonic() - started < 0.5, "liveness waited for a work slot"
-            started = time.monotonic()
-            assert request(port, "GET", "/readiness")[0] == 503
-            assert time.monotonic() - started < READINESS_TIMEOUT_SECONDS + 1.5
-            for thread in threads:
-                thread.join(4 * ANSWER_BOUND + 10)
-            assert not any(thread.is_alive() for thread in threads), "a publish still waits"
+        create_orders(port)
+        answers = served_publishes_while_stuck(port, 8, standby_missing(cluster), 4 * ANSWER_BOUND + 10)
 
         # Eight publishes, four work slots per worker: at most two turns of a worker's slots, in
         # each a group statement that answers "unknown", and the publishes queued behind it in
@@ -447,9 +444,7 @@ def test_a_served_app_answers_every_publish_while_commits_wait_for_a_missing_syn
         assert len(answers) == 8
         assert max(elapsed for _, _, elapsed in answers) < 2 * ANSWER_BOUND + 2.5
         assert request(port, "POST", "/topics/orders/messages", [{"n": 9}])[0] == 204
-        deadline = time.monotonic() + 5
-        while request(port, "GET", "/readiness")[0] != 200:
-            assert time.monotonic() < deadline, "not ready 5 s after the standby requirement went"
+        wait_ready(port, "the standby requirement went")
 
 
 # A network that goes silent between the API and the database: bytes sent are acknowledged (by
