@@ -241,7 +241,8 @@ class OutcomeUnknown(psycopg.OperationalError):
 
 class BoundedConnection(psycopg.Connection):
     """A psycopg connection whose every wait for the server ends after `answer_bound` seconds
-    (None: no bound). Every round trip (statements, COMMIT, fetches) goes through wait()."""
+    (None: no bound). Every round trip (statements, COMMIT, fetches) goes through wait(); a wait
+    with a timeout of its own (notifies(timeout=...)) keeps it."""
 
     answer_bound: float | None = None
 
@@ -269,19 +270,28 @@ class BoundedConnection(psycopg.Connection):
         raise OutcomeUnknown(f"{DID_NOT_ANSWER}; what it did is unknown")
 
 
-def add_answer_bound(engine: sa.Engine, config) -> None:
-    """The pool opens BoundedConnections with an answer bound derived from the statement timeout
-    (none when that is off), and each goes back to the pool with it (lift_statement_timeout may
-    have lifted it)."""
+def answer_bound(config) -> float | None:
+    """Seconds after which a connection stops waiting for the server: None when the statement
+    timeout is off."""
     seconds = config["DATABASE_STATEMENT_TIMEOUT_SECONDS"]
-    if not seconds:
-        return
-    bound = seconds + ANSWER_GRACE_SECONDS
+    return seconds + ANSWER_GRACE_SECONDS if seconds else None
+
+
+def connect_bounded(config, *args, **kwargs) -> BoundedConnection:
+    """psycopg.connect(*args, **kwargs), as a BoundedConnection with the settings' answer bound
+    (for the pool and the long-poll listener)."""
+    connection = BoundedConnection.connect(*args, **kwargs)
+    connection.answer_bound = answer_bound(config)
+    return connection
+
+
+def add_answer_bound(engine: sa.Engine, config) -> None:
+    """The pool opens BoundedConnections, and each goes back to the pool with its answer bound
+    (lift_statement_timeout may have lifted it)."""
+    bound = answer_bound(config)
 
     def connect(dialect, connection_record, cargs, cparams) -> BoundedConnection:
-        connection = BoundedConnection.connect(*cargs, **cparams)
-        connection.answer_bound = bound
-        return connection
+        return connect_bounded(config, *cargs, **cparams)
 
     def restore(dbapi_connection, connection_record) -> None:
         if dbapi_connection is not None:

@@ -386,10 +386,11 @@ class Listener:
         args, kwargs = self.engine.dialect.create_connect_args(self.listen_url)
         kwargs = {**kwargs, "autocommit": True, "application_name": APPLICATION_NAME, "connect_timeout": 5}
         kwargs.update(self.driver_options)
-        # Its LISTEN and re-checks time out as the pool's statements do, and keepalives tell it
-        # soon when the server goes silent while it waits for notifications: it reconnects.
+        # Its LISTEN and re-checks time out as the pool's statements do, and give up on a server
+        # that does not answer them as the pool's do; keepalives tell it soon when the server
+        # goes silent while it waits for notifications. Either way it reconnects.
         kwargs = db.bounded_waits(self.config, kwargs)
-        return psycopg.connect(*args, **kwargs)
+        return db.connect_bounded(self.config, *args, **kwargs)
 
     def listen(self, conn: psycopg.Connection) -> None:
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")

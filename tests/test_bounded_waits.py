@@ -178,6 +178,7 @@ def test_every_connection_has_the_statement_timeout_and_its_name(timed_app):
         info = driver.info
         assert info.get_parameters()["keepalives_idle"] == str(db.TCP_PARAMETERS["keepalives_idle"])
     with Listener(timed_app).connect() as conn:
+        assert conn.answer_bound == TIMEOUT + db.ANSWER_GRACE_SECONDS
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == f"{TIMEOUT}s"
         assert conn.execute("SHOW application_name").fetchone()[0] == "pubsub-listener"
         assert conn.info.get_parameters()["tcp_user_timeout"] == str(db.TCP_PARAMETERS["tcp_user_timeout"])
@@ -536,3 +537,32 @@ def test_requests_answer_503_when_the_network_to_the_database_goes_silent(cluste
         network.silent = False
         db.dispose(app)
         network.close()
+
+
+@pytest.mark.slow
+def test_the_listener_gives_up_on_a_silent_network_as_the_pool_does(cluster):
+    network = SilentNetwork(cluster.port)
+    relayed = cluster.url.replace(f":{cluster.port}/", f":{network.port}/")
+    app = create_app(
+        {"DATABASE_URL": relayed, "TESTING": True, "DATABASE_STATEMENT_TIMEOUT_SECONDS": TIMEOUT}
+    )
+    conn = Listener(app).connect()
+    try:
+        conn.execute("SELECT 1")
+        network.silent = True
+
+        def recheck() -> Exception | None:  # one the server never answers
+            try:
+                conn.execute("SELECT 1")
+            except Exception as error:
+                return error
+            return None
+
+        bound = ANSWER_BOUND + db.CANCEL_WAIT_SECONDS
+        error, elapsed = answered_within(bound + 5, recheck)
+        # The listener's run loop reconnects on it (a psycopg.Error).
+        assert isinstance(error, db.OutcomeUnknown), error
+        assert elapsed < bound + 2.5, f"gave up after {elapsed:.1f}s"
+    finally:
+        network.close()  # first: a recheck still waiting then ends
+        conn.close()
