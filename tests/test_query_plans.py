@@ -21,6 +21,7 @@ that is rolled back.
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -468,13 +469,15 @@ def template(server_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module", params=STATES)
 def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
     """A database in the state, with TARGET's consumers holding batches and a few dead letters.
-    Autovacuum is off for the table, so that nothing corrects the statistics behind our back."""
+    Autovacuum is off for the table, and so is the analysis of a publish that doubles it
+    (migration 0009), so that nothing corrects the statistics behind our back."""
     with new_database(server_url, template) as url:
         app = create_app({"DATABASE_URL": url})
         engine = db.get_engine(app)
         try:
             with engine.begin() as conn:
                 conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
+                conn.execute(sa.text("ALTER TABLE subscription_messages DISABLE TRIGGER replan_on_growth"))
             STATES[request.param](engine)
             with engine.begin() as conn:  # one attempt each: a nack dead-letters
                 batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
@@ -673,3 +676,137 @@ def test_a_purge_chunk_starts_after_the_last_one_not_over_the_rows_deleted_befor
         finally:
             db.dispose(app)
     assert costs["from the start"] > 3 * costs["from the last key"], costs
+
+
+# --- 3. A generic plan made while the table was tiny, used when it is large ----------------------
+
+# psycopg prepares a statement on a connection at its 5th run; PostgreSQL then plans it for its
+# values five times more, and from then on keeps a generic plan if that costs about as much. On a
+# tiny table every plan is cheap, so a generic plan may be kept, and it stays cached on the pooled
+# connection while the table grows, until something invalidates it. It must still look the ids up
+# by their key when a new subscription has 10,000 messages.
+TINY = "tiny"  # the subscription the connection's plans are cached on, a few messages at a time
+NEW = "new"  # created afterwards on the same topic, when the burst arrives
+TINY_ROUNDS = 12  # each statement runs at least this often on the tiny table: 5 to prepare, 5 custom
+LARGE_BURST = 10_000
+SETTLED = 20  # ids per ack, nack or extend
+
+
+def index_reads(conn: sa.Connection) -> dict[str, int]:
+    """Rows read so far in this transaction from subscription_messages sequentially, and entries
+    read from each of its indexes (the backend's counters not yet reported)."""
+    driver = conn.connection.driver_connection
+    [seq_tup_read] = driver.execute(
+        "SELECT seq_tup_read FROM pg_stat_xact_user_tables WHERE relname = 'subscription_messages'"
+    ).fetchone()
+    indexes = driver.execute(
+        "SELECT indexrelid::regclass::text, pg_stat_get_xact_tuples_returned(indexrelid) FROM pg_index"
+        " WHERE indrelid = 'subscription_messages'::regclass"
+    ).fetchall()
+    return {"seq_tup_read": seq_tup_read, **dict(indexes)}
+
+
+def reads_on(conn: sa.Connection, action: Callable[[sa.Connection], object]) -> tuple[object, dict[str, int]]:
+    """What `action(conn)` returns, and what it read, in a transaction of its own."""
+    with conn.begin():
+        before = index_reads(conn)
+        result = action(conn)
+        after = index_reads(conn)
+    return result, {name: after[name] - before[name] for name in after}
+
+
+def refs_of(rows) -> list[tuple[str, None]]:
+    return [(row[0], None) for row in rows]
+
+
+def tiny_round(conn: sa.Connection, engine: sa.Engine) -> None:
+    """A consumer's round on the tiny table: claim, extend, nack, claim again, ack (both forms)."""
+    publish(engine, TINY, 4)
+    with conn.begin():
+        rows = messages.consume(conn, TINY, "c", BATCH)
+        messages.extend(conn, TINY, refs_of(rows), 30)
+        messages.nack(conn, TINY, refs_of(rows), 0)
+        rows = messages.consume(conn, TINY, "c", BATCH)
+        messages.ack(conn, TINY, refs_of(rows[:2]))
+        messages.ack_current(conn, TINY, [row[0] for row in rows[2:]])
+
+
+CACHED = {
+    "claim": messages.CLAIM,
+    "extend": messages.EXTEND,
+    "ack": messages.ACK,
+    "ack_current": messages.ACK_CURRENT,
+    "nack": messages.NACK,
+}
+
+
+def server_text(statement: sa.TextClause) -> str:
+    """The statement as psycopg prepares it: each %(name)s turned into $n, in order of first use."""
+    numbers: dict[str, str] = {}
+    return re.sub(
+        r"%\((\w+)\)s",
+        lambda match: numbers.setdefault(match[1], f"${len(numbers) + 1}"),
+        messages.driver_sql(statement),
+    )
+
+
+def plans_cached(conn: sa.Connection) -> dict[str, tuple[int, int]]:
+    """(generic plans, custom plans) of each hot statement prepared on this connection."""
+    rows = conn.connection.driver_connection.execute(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+    ).fetchall()
+    by_text = {statement: (generic, custom) for statement, generic, custom in rows}
+    return {name: by_text.get(server_text(statement), (0, 0)) for name, statement in CACHED.items()}
+
+
+@pytest.mark.parametrize("analyzed", [True, False], ids=["analyzed_tiny", "never_analyzed"])
+def test_a_plan_cached_on_a_tiny_table_is_not_used_when_it_is_large(server_url, template, analyzed):
+    """The table analyzed with a few rows, as autovacuum does early on (or never analyzed); a
+    pooled connection runs a consumer's rounds on it (claim, extend, nack, ack) until it keeps
+    generic plans; then a new subscription gets 10,000 messages, and the same connection claims
+    and settles a batch of them. Autovacuum is off: it would analyze the table a minute later."""
+    with new_database(server_url, template) as url:
+        app = create_app({"DATABASE_URL": url})
+        engine = db.get_engine(app)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
+            create_subscriptions(engine, TINY)
+            publish(engine, TINY, 4)
+            if analyzed:
+                analyze(engine)
+            with engine.connect() as conn:  # one pooled connection throughout, as a worker's
+                for _ in range(TINY_ROUNDS):
+                    tiny_round(conn, engine)
+                with conn.begin():
+                    cached = plans_cached(conn)
+                with engine.begin() as other:
+                    subscriptions.create_subscription(other, NEW, TINY, None, 5, 5, 300, 60)
+                publish(engine, TINY, LARGE_BURST)
+                reads = {}
+                claimed, reads["claim"] = reads_on(conn, lambda c: messages.consume(c, NEW, "c", BATCH))
+                refs = refs_of(claimed)
+                _, reads["extend"] = reads_on(conn, lambda c: messages.extend(c, NEW, refs[:SETTLED], 30))
+                _, reads["ack"] = reads_on(conn, lambda c: messages.ack(c, NEW, refs[:SETTLED]))
+                ids = [id for id, _ in refs[SETTLED : 2 * SETTLED]]
+                _, reads["ack_current"] = reads_on(conn, lambda c: messages.ack_current(c, NEW, ids))
+                nacked = refs[2 * SETTLED : 3 * SETTLED]
+                _, reads["nack"] = reads_on(conn, lambda c: messages.nack(c, NEW, nacked))
+                with conn.begin():
+                    cached_after = plans_cached(conn)
+        finally:
+            db.dispose(app)
+    report = f"(generic, custom) plans before the burst {cached}, after {cached_after}; reads {reads}"
+    # Before the burst, the connection had switched to generic plans: every statement's on the
+    # analyzed table; never analyzed (planned as 10 pages at least), the claim's.
+    assert all(generic > 0 for generic, _ in (cached.values() if analyzed else [cached["claim"]])), report
+    assert len(claimed) == BATCH, report
+    # A claim reads the claim index's entries of its batch (and of the empty range of expired
+    # leases) and each message once by key; ack, nack and extend read their ids by key, and only
+    # by key: nothing like the 10,000 copies of either subscription.
+    for name, touched in {"claim": BATCH, **dict.fromkeys(CACHED.keys() - {"claim"}, SETTLED)}.items():
+        assert reads[name]["seq_tup_read"] == 0, f"{name}: {report}"
+        assert reads[name]["ix_subscription_messages_claim"] <= (BATCH + 10 if name == "claim" else 0), (
+            f"{name}: {report}"
+        )
+        assert reads[name]["pk_subscription_messages"] <= 2 * touched + 10, f"{name}: {report}"
