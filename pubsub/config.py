@@ -94,7 +94,7 @@ METRICS_BEARER_TOKEN: str | None = None
 # that stops answering costs each request at most about this long, then a 503 with Retry-After,
 # never a wedged server. Every statement of the API's connections (the pool's and the long-poll
 # listener's) is cancelled by PostgreSQL after this many seconds (its statement_timeout; 0:
-# never), which commits nothing. The pool's connections also stop waiting for any answer
+# never), which commits nothing. Those connections also stop waiting for any answer
 # db.ANSWER_GRACE_SECONDS later (a commit waiting for a synchronous standby that is gone, which
 # PostgreSQL's timer does not cover): a 503 whose outcome is unknown.
 # 30 s: well above the slowest statement the API runs (a chunk of OPERATIONS_CHUNK_ROWS, a full

@@ -221,11 +221,12 @@ def lift_statement_timeout(conn: sa.Connection) -> None:
 # PostgreSQL stops a statement's timer before it commits, so statement_timeout cannot end a commit
 # that waits for a synchronous standby that is gone (a promoted primary still configured to wait
 # for one): without more, the request, and every publish of its group commit, waits forever. So
-# the pool's connections stop waiting for any answer of the server this long after the statement
-# timeout (by which PostgreSQL has answered any statement that was not committing), cancel what
-# the server is doing, and give up. PostgreSQL answers a cancelled wait for the standby with
-# success and a warning: the transaction committed on this server but no standby confirmed it.
-# Either way the request gets a 503 that says its outcome is unknown, never a 2xx.
+# the API's connections (the pool's and the listener's) stop waiting for any answer of the
+# server this long after the statement timeout (by which PostgreSQL has answered any statement
+# that was not committing), cancel what the server is doing, and give up. PostgreSQL answers a
+# cancelled wait for the standby with success and a warning: the transaction committed on this
+# server but no standby confirmed it. Either way the request gets a 503 that says its outcome is
+# unknown, never a 2xx.
 ANSWER_GRACE_SECONDS = 2
 # How long the server has to answer the cancel before the connection is closed.
 CANCEL_WAIT_SECONDS = 3
@@ -254,7 +255,7 @@ class BoundedConnection(psycopg.Connection):
             return super().wait(gen, interval, bound)
         except psycopg.errors._WaitTimeout:
             pass
-        log.warning("%s after %s s: cancelling it and closing the connection", DID_NOT_ANSWER, bound)
+        log.warning("no answer from the database in %s s: cancelling and closing the connection", bound)
         try:
             # The cancel may race with the statement's end and hit the next one: the connection
             # is closed below, whatever comes of it.
