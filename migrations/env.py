@@ -16,8 +16,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     with db.get_engine(current_app).connect() as connection:
         context.configure(connection=connection, target_metadata=metadata, compare_type=True)
-        with context.begin_transaction():
-            db.lift_statement_timeout(connection)  # a migration may rewrite a large table
+        # A migration may rewrite a large table.
+        with context.begin_transaction(), db.statement_timeout_lifted(connection):
             context.run_migrations()
 
 

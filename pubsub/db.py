@@ -207,14 +207,17 @@ def bounded_waits_hook(config) -> Callable:
     return hook
 
 
-def lift_statement_timeout(conn: sa.Connection) -> None:
-    """No statement timeout for the rest of this transaction, nor answer bound until the
-    connection goes back to the pool: for the cleanup commands and migrations, which may rightly
-    take longer than a request."""
+@contextmanager
+def statement_timeout_lifted(conn: sa.Connection) -> Iterator[None]:
+    """No statement timeout for the rest of this transaction, nor answer bound for the block: for
+    the cleanup commands and migrations, which may rightly take longer than a request."""
     conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
     driver = conn.connection.driver_connection
-    if isinstance(driver, BoundedConnection):
-        driver.answer_bound = None
+    bound, driver.answer_bound = driver.answer_bound, None
+    try:
+        yield
+    finally:
+        driver.answer_bound = bound
 
 
 # --- The answer bound: a commit that PostgreSQL waits on forever ----------------------------------
@@ -287,19 +290,12 @@ def connect_bounded(config, *args, **kwargs) -> BoundedConnection:
 
 
 def add_answer_bound(engine: sa.Engine, config) -> None:
-    """The pool opens BoundedConnections, and each goes back to the pool with its answer bound
-    (lift_statement_timeout may have lifted it)."""
-    bound = answer_bound(config)
+    """The pool opens BoundedConnections."""
 
     def connect(dialect, connection_record, cargs, cparams) -> BoundedConnection:
         return connect_bounded(config, *cargs, **cparams)
 
-    def restore(dbapi_connection, connection_record) -> None:
-        if dbapi_connection is not None:
-            dbapi_connection.answer_bound = bound
-
     sa.event.listen(engine, "do_connect", connect)
-    sa.event.listen(engine, "checkin", restore)
 
 
 def check_alive(dbapi_connection, connection_record, connection_proxy) -> None:

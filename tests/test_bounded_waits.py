@@ -208,6 +208,17 @@ def test_cleanup_commands_are_not_cut_by_the_statement_timeout(timed_app, databa
         assert result.exit_code == 0, result.output
 
 
+def test_a_lifted_statement_timeout_and_answer_bound_come_back_after_the_block(timed_app):
+    with timed_app.app_context(), db.begin() as conn:
+        driver = conn.connection.driver_connection
+        with db.statement_timeout_lifted(conn):
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "0"
+            assert driver.answer_bound is None
+        assert driver.answer_bound == TIMEOUT + db.ANSWER_GRACE_SECONDS
+    with timed_app.app_context(), db.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == f"{TIMEOUT}s"
+
+
 def test_a_statement_timeout_can_be_turned_off(make_app):
     app = make_app(DATABASE_STATEMENT_TIMEOUT_SECONDS=0)
     with app.app_context(), db.connect() as conn:

@@ -19,8 +19,7 @@ def cleanup_acked(older_than: int | None) -> None:
     """Delete acked messages older than the retention."""
     if older_than is None:
         older_than = current_app.config["CLEANUP_ACKED_MESSAGES_OLDER_THAN_SECONDS"]
-    with db.begin() as conn:
-        db.lift_statement_timeout(conn)  # one statement over every old acked message
+    with db.begin() as conn, db.statement_timeout_lifted(conn):  # one statement over every old acked message
         count = messages.delete_acked(conn, older_than)
     click.echo(f"deleted {count} acked messages older than {older_than}s")
 
@@ -38,8 +37,7 @@ def cleanup_stuck(lock_timeout: int | None) -> None:
 
     The next consume claims expired deliveries by itself; this keeps the metrics honest for
     subscriptions nobody consumes."""
-    with db.begin() as conn:
-        db.lift_statement_timeout(conn)  # one statement over every expired delivery
+    with db.begin() as conn, db.statement_timeout_lifted(conn):  # one statement over every expired delivery
         released, dead = messages.release_stuck(conn, lock_timeout)
     after = "past their ack deadline" + (f" or locked over {lock_timeout}s" if lock_timeout else "")
     click.echo(f"released {released} stuck messages, moved {dead} to the DLQ ({after})")
