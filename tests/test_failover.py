@@ -40,7 +40,7 @@ import pytest
 import sqlalchemy as sa
 from flask_migrate import upgrade
 
-from pubsub import create_app, db, messages
+from pubsub import create_app, db
 from pubsub.errors import DATABASE_TIMED_OUT
 from pubsub.listener import Listener
 from pubsub.settings import ConfigError
@@ -67,6 +67,7 @@ from tests.test_restart_under_load import (
     ErrorResponse,
     readiness_probe,
     short,
+    stuck_releaser,
     wait_until_ready,
 )
 from tests.test_serve import free_port, output_of, serve_env, serving, wait_until_live
@@ -228,20 +229,9 @@ def server(replicated, tmp_path) -> Iterator[Server]:
 
 @pytest.fixture
 def release(replicated) -> Iterator[Callable[[int], tuple[int | None, int | None]]]:
-    """cleanup-stuck in this process through the same multi-host URL; a run that fails during
-    the switch is still recorded (its outcome unknown), which only widens what the checker
-    accepts."""
+    """cleanup-stuck in this process through the same multi-host URL."""
     app = create_app({"DATABASE_URL": replicated.url, "DATABASE_POOL_SIZE": 1, "DATABASE_MAX_OVERFLOW": 0})
-    engine = db.get_engine(app)
-
-    def release_stuck(lock_timeout: int) -> tuple[int | None, int | None]:
-        try:
-            with engine.begin() as conn:
-                return messages.release_stuck(conn, lock_timeout)
-        except sa.exc.DBAPIError:
-            return None, None
-
-    yield release_stuck
+    yield stuck_releaser(db.get_engine(app))
     db.dispose(app)
 
 

@@ -24,6 +24,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -466,26 +467,34 @@ def template(server_url: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module", params=STATES)
-def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
-    """A database in the state, with TARGET's consumers holding batches and a few dead letters.
-    Autovacuum is off for the table, and so is the analysis of a publish that doubles it
-    (migration 0009), so that nothing corrects the statistics behind our back."""
+@contextmanager
+def unvacuumed(server_url: str, template: str, *alter: str) -> Iterator[tuple[str, sa.Engine]]:
+    """A new database's URL and an app's engine on it, with autovacuum off for the messages table
+    (so that nothing corrects the statistics behind a test's back), after these further ALTERs."""
     with new_database(server_url, template) as url:
         app = create_app({"DATABASE_URL": url})
         engine = db.get_engine(app)
         try:
             with engine.begin() as conn:
-                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
-                conn.execute(sa.text("ALTER TABLE subscription_messages DISABLE TRIGGER replan_on_growth"))
-            STATES[request.param](engine)
-            with engine.begin() as conn:  # one attempt each: a nack dead-letters
-                batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
-                dead = [row[0] for row in batches.pop()]
-                messages.nack(conn, TARGET, [(id, None) for id in dead])
-            yield PlanState(engine, libpq_url(url), [row[0] for batch in batches for row in batch], dead)
+                for change in ("SET (autovacuum_enabled = off)", *alter):
+                    conn.execute(sa.text(f"ALTER TABLE subscription_messages {change}"))
+            yield url, engine
         finally:
             db.dispose(app)
+
+
+@pytest.fixture(scope="module", params=STATES)
+def plan_state(request, server_url: str, template: str) -> Iterator[PlanState]:
+    """A database in the state, with TARGET's consumers holding batches and a few dead letters.
+    Autovacuum is off for the table, and so is the analysis of a publish that doubles it
+    (migration 0009), so that nothing corrects the statistics behind our back."""
+    with unvacuumed(server_url, template, "DISABLE TRIGGER replan_on_growth") as (url, engine):
+        STATES[request.param](engine)
+        with engine.begin() as conn:  # one attempt each: a nack dead-letters
+            batches = [messages.consume(conn, TARGET, f"c{n}", BATCH) for n in range(CONSUMERS + 1)]
+            dead = [row[0] for row in batches.pop()]
+            messages.nack(conn, TARGET, [(id, None) for id in dead])
+        yield PlanState(engine, libpq_url(url), [row[0] for batch in batches for row in batch], dead)
 
 
 # Run with EXPLAIN ANALYZE: no token (auth off), so that the statements do their work.
@@ -637,44 +646,35 @@ def test_a_purge_chunk_starts_after_the_last_one_not_over_the_rows_deleted_befor
     the rows already deleted (dead until a vacuum) are never walked again, so the 500th chunk of a
     million-row purge costs what the first did. The same chunk from the start of the range walks
     them all."""
-    with new_database(server_url, template) as url:
-        app = create_app({"DATABASE_URL": url})
-        engine = db.get_engine(app)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
-            create_subscriptions(engine, TARGET)
-            publish(engine, TARGET, PURGE_CHUNK * (PURGE_CHUNKS_DONE + 10))
-            after = operations.FIRST_KEY
-            with engine.connect() as conn:
-                for _ in range(PURGE_CHUNKS_DONE):  # each committed on its own, as the purge runs them
-                    row = conn.execute(operations.PURGE_BACKLOG, purge_chunk_after(after)).one()
-                    conn.commit()
-                    after = (row.available_at, row.seq)
-            with psycopg.connect(libpq_url(url)) as conn:
-                costs = {}
-                for start, key in (("from the last key", after), ("from the start", operations.FIRST_KEY)):
-                    params = purge_chunk_after(key)
-                    compiled = operations.PURGE_BACKLOG.compile(dialect=NUMBERED)
-                    values = [params[name] for name in compiled.positiontup]
-                    types = ", ".join(driver_type(conn.adapters, value) for value in values)
-                    conn.execute(f"PREPARE chunk ({types}) AS {compiled.string}")
-                    execute = sql.SQL("EXECUTE chunk ({})").format(
-                        sql.SQL(", ").join(map(sql.Literal, values))
-                    )
-                    [[tree]] = conn.execute(
-                        sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + execute
-                    ).fetchone()
-                    conn.execute("DEALLOCATE chunk")
-                    conn.rollback()
-                    walks = [
-                        node
-                        for node in scans(tree["Plan"], "subscription_messages")
-                        if node.get("Index Name") == "ix_subscription_messages_claim"
-                    ]
-                    costs[start] = sum(map(buffers, walks))
-        finally:
-            db.dispose(app)
+    with unvacuumed(server_url, template) as (url, engine):
+        create_subscriptions(engine, TARGET)
+        publish(engine, TARGET, PURGE_CHUNK * (PURGE_CHUNKS_DONE + 10))
+        after = operations.FIRST_KEY
+        with engine.connect() as conn:
+            for _ in range(PURGE_CHUNKS_DONE):  # each committed on its own, as the purge runs them
+                row = conn.execute(operations.PURGE_BACKLOG, purge_chunk_after(after)).one()
+                conn.commit()
+                after = (row.available_at, row.seq)
+        with psycopg.connect(libpq_url(url)) as conn:
+            costs = {}
+            for start, key in (("from the last key", after), ("from the start", operations.FIRST_KEY)):
+                params = purge_chunk_after(key)
+                compiled = operations.PURGE_BACKLOG.compile(dialect=NUMBERED)
+                values = [params[name] for name in compiled.positiontup]
+                types = ", ".join(driver_type(conn.adapters, value) for value in values)
+                conn.execute(f"PREPARE chunk ({types}) AS {compiled.string}")
+                execute = sql.SQL("EXECUTE chunk ({})").format(sql.SQL(", ").join(map(sql.Literal, values)))
+                [[tree]] = conn.execute(
+                    sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + execute
+                ).fetchone()
+                conn.execute("DEALLOCATE chunk")
+                conn.rollback()
+                walks = [
+                    node
+                    for node in scans(tree["Plan"], "subscription_messages")
+                    if node.get("Index Name") == "ix_subscription_messages_claim"
+                ]
+                costs[start] = sum(map(buffers, walks))
     assert costs["from the start"] > 3 * costs["from the last key"], costs
 
 
@@ -765,37 +765,30 @@ def test_a_plan_cached_on_a_tiny_table_is_not_used_when_it_is_large(server_url, 
     pooled connection runs a consumer's rounds on it (claim, extend, nack, ack) until it keeps
     generic plans; then a new subscription gets 10,000 messages, and the same connection claims
     and settles a batch of them. Autovacuum is off: it would analyze the table a minute later."""
-    with new_database(server_url, template) as url:
-        app = create_app({"DATABASE_URL": url})
-        engine = db.get_engine(app)
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text("ALTER TABLE subscription_messages SET (autovacuum_enabled = off)"))
-            create_subscriptions(engine, TINY)
-            publish(engine, TINY, 4)
-            if analyzed:
-                analyze(engine)
-            with engine.connect() as conn:  # one pooled connection throughout, as a worker's
-                for _ in range(TINY_ROUNDS):
-                    tiny_round(conn, engine)
-                with conn.begin():
-                    cached = plans_cached(conn)
-                with engine.begin() as other:
-                    subscriptions.create_subscription(other, NEW, TINY, None, 5, 5, 300, 60)
-                publish(engine, TINY, LARGE_BURST)
-                reads = {}
-                claimed, reads["claim"] = reads_on(conn, lambda c: messages.consume(c, NEW, "c", BATCH))
-                refs = refs_of(claimed)
-                _, reads["extend"] = reads_on(conn, lambda c: messages.extend(c, NEW, refs[:SETTLED], 30))
-                _, reads["ack"] = reads_on(conn, lambda c: messages.ack(c, NEW, refs[:SETTLED]))
-                ids = [id for id, _ in refs[SETTLED : 2 * SETTLED]]
-                _, reads["ack_current"] = reads_on(conn, lambda c: messages.ack_current(c, NEW, ids))
-                nacked = refs[2 * SETTLED : 3 * SETTLED]
-                _, reads["nack"] = reads_on(conn, lambda c: messages.nack(c, NEW, nacked))
-                with conn.begin():
-                    cached_after = plans_cached(conn)
-        finally:
-            db.dispose(app)
+    with unvacuumed(server_url, template) as (url, engine):
+        create_subscriptions(engine, TINY)
+        publish(engine, TINY, 4)
+        if analyzed:
+            analyze(engine)
+        with engine.connect() as conn:  # one pooled connection throughout, as a worker's
+            for _ in range(TINY_ROUNDS):
+                tiny_round(conn, engine)
+            with conn.begin():
+                cached = plans_cached(conn)
+            with engine.begin() as other:
+                subscriptions.create_subscription(other, NEW, TINY, None, 5, 5, 300, 60)
+            publish(engine, TINY, LARGE_BURST)
+            reads = {}
+            claimed, reads["claim"] = reads_on(conn, lambda c: messages.consume(c, NEW, "c", BATCH))
+            refs = refs_of(claimed)
+            _, reads["extend"] = reads_on(conn, lambda c: messages.extend(c, NEW, refs[:SETTLED], 30))
+            _, reads["ack"] = reads_on(conn, lambda c: messages.ack(c, NEW, refs[:SETTLED]))
+            ids = [id for id, _ in refs[SETTLED : 2 * SETTLED]]
+            _, reads["ack_current"] = reads_on(conn, lambda c: messages.ack_current(c, NEW, ids))
+            nacked = refs[2 * SETTLED : 3 * SETTLED]
+            _, reads["nack"] = reads_on(conn, lambda c: messages.nack(c, NEW, nacked))
+            with conn.begin():
+                cached_after = plans_cached(conn)
     report = f"(generic, custom) plans before the burst {cached}, after {cached_after}; reads {reads}"
     # Before the burst, the connection had switched to generic plans: every statement's on the
     # analyzed table; never analyzed (planned as 10 pages at least), the claim's.

@@ -108,11 +108,10 @@ def server(cluster_app, tmp_path_factory) -> Iterator[Server]:
         yield Server(port, log, master)
 
 
-@pytest.fixture
-def release(cluster_app) -> Callable[[int], tuple[int | None, int | None]]:
-    """cleanup-stuck in this process; a run that fails while the database is down is still
-    recorded (its outcome unknown), which only widens what the checker accepts."""
-    engine = db.get_engine(cluster_app)
+def stuck_releaser(engine: sa.Engine) -> Callable[[int], tuple[int | None, int | None]]:
+    """cleanup-stuck in this process on engine; a run that fails while the database is down (or
+    switching) is still recorded (its outcome unknown), which only widens what the checker
+    accepts."""
 
     def release_stuck(lock_timeout: int) -> tuple[int | None, int | None]:
         try:
@@ -122,6 +121,11 @@ def release(cluster_app) -> Callable[[int], tuple[int | None, int | None]]:
             return None, None
 
     return release_stuck
+
+
+@pytest.fixture
+def release(cluster_app) -> Callable[[int], tuple[int | None, int | None]]:
+    return stuck_releaser(db.get_engine(cluster_app))
 
 
 # --- A client that also keeps what the harness's does not: error bodies and Retry-After -------
